@@ -1,0 +1,227 @@
+"""Turn a contract dataset into training-ready Parquet (cached) and in-memory test arrays.
+
+The stored data keep every repetition. A run needs, per its config: the training subjects'
+train epochs (repetition-averaged or single trials, optionally normalized per repetition),
+split by IMAGE into train and validation (a seeded fraction of the training images, the
+same images for every subject, so no validation image is ever seen in training through
+another subject), and the evaluation subjects' test epochs averaged over repetitions.
+
+Prepared train/val data are written once per (dataset fingerprint, subjects, trial mode,
+normalization, split seed) under ``$BRAINALIGN_CACHE/prepared/<key>/`` as Parquet with
+columns ``image_index`` (row in the image catalog), ``subject_index`` (position in the
+training subjects) and ``epoch`` (fixed-shape tensor), which Ray Data reads directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .._checks import BrainalignError
+from .._io import atomic_dir
+from ..config import TrainConfig
+from ..paths import cache_dir
+from .contract import BrainDataset, EmbeddingTable, open_dataset, read_embedding_table
+
+__all__ = ["PreparedData", "load_test", "normalize_epochs", "prepare", "split_images"]
+
+log = logging.getLogger(__name__)
+PREPARE_VERSION = 1
+
+
+def normalize_epochs(x: np.ndarray, mode: str) -> np.ndarray:
+    """Per-repetition, per-channel normalization over time (``"center_l2"``) or none.
+
+    ``center_l2``: ``(x - mean_t x) / ||x - mean_t x||_2`` (AlignVis normalizes each
+    repetition and channel before averaging repetitions).
+    """
+    if mode == "none":
+        return x
+    x = x - x.mean(axis=-1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
+def split_images(image_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split of unique image ids into (train, val); val has ``round(fraction * n)``."""
+    ids = sorted(set(image_ids))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11]))
+    perm = rng.permutation(len(ids))
+    n_val = max(1, int(round(fraction * len(ids))))
+    val = sorted(ids[i] for i in perm[:n_val])
+    val_set = set(val)
+    return [i for i in ids if i not in val_set], val
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Where a run's prepared train/val Parquet and image embeddings are."""
+
+    root: Path
+    n_chans: int
+    n_times: int
+    n_train_rows: int
+    n_val_rows: int
+    train_images: tuple[str, ...]
+    val_images: tuple[str, ...]
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def val_dir(self) -> Path:
+        return self.root / "val"
+
+
+def _key(ds: BrainDataset, cfg: TrainConfig) -> str:
+    d = cfg.data
+    blob = json.dumps(
+        [PREPARE_VERSION, ds.fingerprint, list(d.subjects), d.train_trials, d.normalize, d.val_fraction, cfg.seed]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _average_by_image(
+    ds: BrainDataset, subject: str, split: str, normalize: str, keep: set[str] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Repetition-averaged epochs per image (streamed: memory ~ one average per image)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for ids, _reps, x in ds.iter_epochs(subject, split):
+        x = normalize_epochs(x, normalize)
+        for i, image_id in enumerate(ids):
+            if keep is not None and image_id not in keep:
+                continue
+            if image_id in sums:
+                sums[image_id] += x[i]
+                counts[image_id] += 1
+            else:
+                sums[image_id] = x[i].astype(np.float64)
+                counts[image_id] = 1
+    order = sorted(sums)
+    out = np.stack([sums[k] / counts[k] for k in order]).astype(np.float32) if order else np.zeros(
+        (0, ds.meta.n_chans, ds.meta.n_times), np.float32
+    )
+    return order, out
+
+
+def _write_rows(path: Path, image_index: np.ndarray, subject_index: np.ndarray, x: np.ndarray) -> None:
+    tbl = pa.table(
+        {
+            "image_index": pa.array(image_index.astype(np.int32)),
+            "subject_index": pa.array(subject_index.astype(np.int16)),
+            "epoch": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x, np.float32)),
+        }
+    )
+    pq.write_table(tbl, path, row_group_size=1024)
+
+
+def check_subjects(ds: BrainDataset, subjects: tuple[str, ...], what: str) -> None:
+    missing = [s for s in subjects if s not in ds.meta.subjects]
+    if missing:
+        raise BrainalignError(
+            f"{what} {missing} not in dataset {ds.root} (subjects: {list(ds.meta.subjects)})."
+        )
+
+
+def prepare(cfg: TrainConfig) -> PreparedData:
+    """Prepare (or reuse) the train/val Parquet of ``cfg``; see the module docstring."""
+    ds = open_dataset(cfg.data.path)
+    check_subjects(ds, cfg.data.subjects, "data.subjects")
+    root = cache_dir() / "prepared" / _key(ds, cfg)
+    done = root / "prepared.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        log.info("reusing prepared data %s", root)
+        return PreparedData(root=root, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.items()})
+
+    train_ids_all = ds.image_ids("train")
+    train_imgs, val_imgs = split_images(train_ids_all, cfg.data.val_fraction, cfg.seed)
+    val_set = set(val_imgs)
+    index = ds.image_index()
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5EED]))
+    n_train = n_val = 0
+    with atomic_dir(root, replace=True) as tmp:
+        (tmp / "train").mkdir()
+        (tmp / "val").mkdir()
+        for si, subject in enumerate(cfg.data.subjects):
+            # validation: always repetition-averaged (retrieval of averaged trials)
+            vids, vx = _average_by_image(ds, subject, "train", cfg.data.normalize, keep=val_set)
+            _write_rows(tmp / "val" / f"part-{si:03d}.parquet", np.array([index[i] for i in vids]),
+                        np.full(len(vids), si), vx)
+            n_val += len(vids)
+            if cfg.data.train_trials == "average":
+                ids, x = _average_by_image(ds, subject, "train", cfg.data.normalize)
+                keep = np.array([i not in val_set for i in ids], dtype=bool)
+                ids = [i for i, k in zip(ids, keep, strict=True) if k]
+                x = x[keep]
+            else:
+                ids, parts = [], []
+                for chunk_ids, _r, cx in ds.iter_epochs(subject, "train"):
+                    keep = np.array([i not in val_set for i in chunk_ids], dtype=bool)
+                    ids += [i for i, k in zip(chunk_ids, keep, strict=True) if k]
+                    parts.append(normalize_epochs(cx[keep], cfg.data.normalize).astype(np.float32))
+                x = np.concatenate(parts)
+            # shuffle rows once so that Ray Data's local shuffle mixes concepts well
+            perm = rng.permutation(len(ids))
+            img_index = np.array([index[i] for i in ids])[perm]
+            _write_rows(tmp / "train" / f"part-{si:03d}.parquet", img_index, np.full(len(ids), si), x[perm])
+            n_train += len(ids)
+        info = {
+            "n_chans": ds.meta.n_chans,
+            "n_times": ds.meta.n_times,
+            "n_train_rows": n_train,
+            "n_val_rows": n_val,
+            "train_images": train_imgs,
+            "val_images": val_imgs,
+        }
+        (tmp / "prepared.json").write_text(json.dumps(info))
+    log.info("prepared %d train / %d val rows in %s", n_train, n_val, root)
+    return PreparedData(root=root, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.items()})
+
+
+def load_table_for(cfg: TrainConfig) -> tuple[EmbeddingTable, Path]:
+    """The run's embedding table; an unknown table id names the tables that exist."""
+    from .contract import list_tables
+
+    tables = list_tables(cfg.embeddings_dir)
+    if cfg.data.image_table not in tables:
+        from .._checks import check_option
+
+        if not tables:
+            raise BrainalignError(
+                f"No embedding tables in {cfg.embeddings_dir}. Compute them with `brainalign embed` "
+                "or point data.embeddings_dir at the directory that holds them."
+            )
+        check_option("data.image_table", cfg.data.image_table, sorted(tables))
+    path = tables[cfg.data.image_table]
+    return read_embedding_table(path), path
+
+
+def catalog_embeddings(ds: BrainDataset, table: EmbeddingTable, needed: list[str]) -> np.ndarray:
+    """``(n_catalog, dim)`` float32 matrix in catalog order; every ``needed`` id must be covered."""
+    table.lookup(needed, where=f"used by dataset {ds.meta.name}")  # raises naming missing ids
+    out = np.zeros((ds.catalog.num_rows, table.dim), np.float32)
+    have = {k: i for i, k in enumerate(table.image_ids.tolist())}
+    for j, image_id in enumerate(ds.image_ids()):
+        if image_id in have:
+            out[j] = table.vectors[have[image_id]]
+    return out
+
+
+def load_test(cfg: TrainConfig, subject: str) -> tuple[list[str], np.ndarray]:
+    """Repetition-averaged test epochs of ``subject`` (normalized as in training), in
+    catalog order of the test images that subject saw."""
+    ds = open_dataset(cfg.data.path)
+    check_subjects(ds, (subject,), "test subject")
+    ids, x = _average_by_image(ds, subject, "test", cfg.data.normalize)
+    pos = ds.image_index()
+    order = np.argsort([pos[i] for i in ids], kind="stable")
+    return [ids[i] for i in order], x[order]

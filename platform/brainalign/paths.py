@@ -1,0 +1,52 @@
+"""Where things live. The only module that reads path-like environment variables.
+
+Every key is declared here with its meaning (MNE's ``_known_config_types``); the rest of
+the package asks this module and never builds a store path itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["KNOWN_ENV", "cache_dir", "home", "mlflow_tracking_uri", "ray_storage", "resolve"]
+
+KNOWN_ENV: dict[str, str] = {
+    "BRAINALIGN_HOME": "root for local stores: data/, mlruns/, ray_results/, cache/ (default: cwd)",
+    "BRAINALIGN_CACHE": "derived training data (prepared Parquet) (default: $BRAINALIGN_HOME/cache)",
+    "BRAINALIGN_WEIGHTS": "directory holding image-encoder weights (no downloads ever happen)",
+    "MLFLOW_TRACKING_URI": "MLflow server or store (default: sqlite:///$BRAINALIGN_HOME/mlruns/mlflow.db)",
+    "BRAINALIGN_RAY_STORAGE": "Ray Train/Tune storage_path (default: $BRAINALIGN_HOME/ray_results)",
+}
+
+
+def home() -> Path:
+    """The local root for stores (absolute)."""
+    return Path(os.environ.get("BRAINALIGN_HOME") or os.getcwd()).resolve()
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """An absolute path: relative paths are taken against :func:`home`."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (home() / p).resolve()
+
+
+def cache_dir() -> Path:
+    return resolve(os.environ.get("BRAINALIGN_CACHE") or home() / "cache")
+
+
+def ray_storage() -> Path:
+    return resolve(os.environ.get("BRAINALIGN_RAY_STORAGE") or home() / "ray_results")
+
+
+def mlflow_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store under ``$BRAINALIGN_HOME/mlruns``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{home() / 'mlruns' / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> Path:
+    """Absolute artifact root for experiments created in the local SQLite store."""
+    return home() / "mlruns" / "artifacts"

@@ -1,0 +1,168 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+A run is created by the driver with :func:`start_run` (params, tags), per-epoch metrics
+are logged from Ray Train's rank 0 with :func:`log_metrics` (through ``MlflowClient`` on the
+given run id, so no process-global "active run" is involved), and the driver logs artifacts
+and ends the run. With no ``MLFLOW_TRACKING_URI`` the store is SQLite under
+``$BRAINALIGN_HOME/mlruns`` and experiments get an absolute artifact location, so no
+artifact ever lands in a process's random working directory (Tune trial dirs, Ray job dirs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+__all__ = [
+    "code_version",
+    "end_run",
+    "ensure_experiment",
+    "log_artifact",
+    "log_dict",
+    "log_metrics",
+    "start_run",
+    "tracking_uri",
+]
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+
+
+def tracking_uri() -> str:
+    return paths.mlflow_tracking_uri()
+
+
+def _client(uri: str | None = None) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Id of experiment ``name``, created if needed (absolute artifact root for local stores)."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        root = paths.mlflow_artifact_root() / name
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def code_version() -> str:
+    """Git commit of the code (``+dirty`` if modified); env ``BRAINALIGN_GIT_COMMIT`` wins."""
+    env = os.environ.get("BRAINALIGN_GIT_COMMIT")
+    if env:
+        return env
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(
+    experiment: str,
+    *,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """Create a run (nested under ``parent_run_id`` if given); returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    exp_id = ensure_experiment(experiment, uri)
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    if params:
+        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
+        for s in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[s : s + 100], tags=[RunTag("brainalign", "1")])
+    return str(run.info.run_id)
+
+
+def _param_str(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None, uri: str | None = None) -> None:
+    """Log numeric metrics in one batch call (retrying briefly if the SQLite store is busy)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    for attempt in range(5):
+        try:
+            _client(uri).log_batch(run_id, metrics=items)
+            return
+        except Exception as e:  # sqlite "database is locked" under concurrent writers
+            if "locked" not in str(e) or attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None, uri: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dict(run_id: str, obj: Any, name: str, uri: str | None = None) -> None:
+    """Log ``obj`` as a JSON artifact ``name``."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(name).name
+        p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        sub = str(Path(name).parent) if Path(name).parent != Path(".") else None
+        log_artifact(run_id, p, sub, uri)
+
+
+def log_text(run_id: str, text: str, name: str, uri: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(name).name
+        p.write_text(text)
+        sub = str(Path(name).parent) if Path(name).parent != Path(".") else None
+        log_artifact(run_id, p, sub, uri)
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    """Mark a run FINISHED, FAILED or KILLED."""
+    _client(uri).set_terminated(run_id, status=status)

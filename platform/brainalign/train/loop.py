@@ -1,0 +1,218 @@
+"""The one training loop: plain functions over torch tensors. No Ray, no MLflow here.
+
+``build_run`` assembles model, loss, optimizer and AMP scaler from a :class:`TrainConfig`;
+``train_one_epoch`` and ``evaluate`` consume any iterable of batch dicts with keys
+``epoch`` (B, n_chans, n_times) float32, ``image_index`` (B,) and ``subject_index`` (B,).
+The Ray Train adapter (``ray_worker.py``) feeds them from Ray Data; benchmarks and tests
+feed them from in-memory tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..encoders import create_encoder, encoder_info
+from ..losses import SymmetricInfoNCE
+from ..metrics import topk_accuracy
+
+__all__ = ["EarlyStopping", "Run", "build_run", "cosine_lr", "encode", "evaluate", "train_one_epoch"]
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Run:
+    """Mutable training state of one run."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    loss_fn: SymmetricInfoNCE
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    image_emb: torch.Tensor  # (n_catalog, D) on device
+    subject_aware: bool
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def amp(self) -> bool:
+        return self.scaler is not None
+
+
+def build_run(
+    cfg: TrainConfig,
+    *,
+    n_chans: int,
+    n_times: int,
+    image_emb: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> Run:
+    """Model, loss, AdamW and (on CUDA with ``cfg.amp``) a GradScaler, seeded by ``cfg.seed``."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    info = encoder_info(cfg.encoder)
+    model = create_encoder(
+        cfg.encoder,
+        n_chans=n_chans,
+        n_times=n_times,
+        embed_dim=int(image_emb.shape[1]),
+        n_subjects=len(cfg.data.subjects),
+        **dict(cfg.arch),
+    ).to(device)
+    loss_fn = SymmetricInfoNCE(cfg.temperature, learn_temperature=cfg.learn_temperature).to(device)
+    params = list(model.parameters())
+    groups: list[dict[str, Any]] = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.learn_temperature:
+        # The temperature really is optimized (the reference built it but never optimized it).
+        groups.append({"params": list(loss_fn.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    return Run(cfg, model, loss_fn, optimizer, scaler, device, image_emb.to(device), info.subject_aware)
+
+
+def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for ``epoch`` (0-based): linear warmup, then cosine to ``min_lr``.
+
+    A real schedule over epochs (the reference passed the validation loss as the epoch).
+    """
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
+    span = max(1, cfg.epochs - cfg.warmup_epochs)
+    progress = min(1.0, (epoch - cfg.warmup_epochs) / span)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _forward(run: Run, x: torch.Tensor, subject_index: torch.Tensor | None) -> torch.Tensor:
+    if run.subject_aware:
+        if subject_index is None:
+            subject_index = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        return run.model(x, subject_index.long())
+    return run.model(x)
+
+
+def _to(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x = batch["epoch"].to(run.device, non_blocking=True).float()
+    idx = batch["image_index"].to(run.device, non_blocking=True).long()
+    sid = batch.get("subject_index")
+    return x, idx, (sid.to(run.device) if sid is not None else None)
+
+
+def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
+    """One pass over ``batches``; returns mean train loss, lr, temperature, samples."""
+    lr = cosine_lr(run.cfg, run.epoch)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    run.model.train()
+    total, n = 0.0, 0
+    for batch in batches:
+        x, idx, sid = _to(run, batch)
+        if x.shape[0] < 2:
+            continue  # InfoNCE needs negatives
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(run.device.type, enabled=run.amp):
+            z = _forward(run, x, sid)
+        loss = run.loss_fn(z.float(), run.image_emb[idx])
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.optimizer)
+        else:
+            loss.backward()
+        if run.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        total += float(loss.detach()) * x.shape[0]
+        n += x.shape[0]
+    run.epoch += 1
+    return {
+        "train_loss": total / max(n, 1),
+        "lr": lr,
+        "temperature": run.loss_fn.temperature,
+        "train_samples": float(n),
+    }
+
+
+@torch.no_grad()
+def encode(
+    run: Run, x: torch.Tensor, subject_index: torch.Tensor | None = None, batch_size: int = 512
+) -> torch.Tensor:
+    """Brain embeddings ``(N, D)`` in eval mode, in chunks."""
+    run.model.eval()
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s : s + batch_size].to(run.device).float()
+        sb = subject_index[s : s + batch_size].to(run.device) if subject_index is not None else None
+        with torch.autocast(run.device.type, enabled=run.amp):
+            out.append(_forward(run, xb, sb).float())
+    return torch.cat(out) if out else torch.zeros(0, run.image_emb.shape[1], device=run.device)
+
+
+@torch.no_grad()
+def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None,
+             prefix: str = "val") -> dict[str, float]:
+    """Loss (InfoNCE over batches of ``batch_size``) and N-way top-1/top-5 retrieval.
+
+    Queries are the rows of ``x`` (repetition-averaged epochs); the gallery is the unique
+    images among ``image_index``.
+    """
+    z = encode(run, x, subject_index)
+    idx = image_index.to(run.device).long()
+    losses, weights = [], []
+    bs = run.cfg.batch_size
+    for s in range(0, z.shape[0], bs):
+        zb, ib = z[s : s + bs], idx[s : s + bs]
+        if zb.shape[0] >= 2:
+            losses.append(float(run.loss_fn(zb, run.image_emb[ib])))
+            weights.append(zb.shape[0])
+    gallery_idx, targets = torch.unique(idx, return_inverse=True)
+    acc = topk_accuracy(z, run.image_emb[gallery_idx], targets)
+    loss = sum(w * v for w, v in zip(weights, losses, strict=True)) / max(sum(weights), 1)
+    return {f"{prefix}_loss": loss, f"{prefix}_top1": acc["top1"], f"{prefix}_top5": acc["top5"]}
+
+
+class EarlyStopping:
+    """Track the best epoch by the selection metric (validation only) and keep its weights."""
+
+    def __init__(self, metric: str, patience: int) -> None:
+        self.metric = metric
+        self.mode = "min" if metric.endswith("loss") else "max"
+        self.patience = patience
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_top1 = 0.0
+        self.bad_epochs = 0
+
+    def update(self, run: Run, metrics: Mapping[str, float]) -> bool:
+        """Record this epoch; return True if it is the new best."""
+        value = metrics[self.metric]
+        self.best_top1 = max(self.best_top1, metrics.get("val_top1", 0.0))
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, run.epoch - 1, 0
+            model = run.model.module if hasattr(run.model, "module") else run.model
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_copy(self) -> dict[str, torch.Tensor]:
+        assert self.best_state is not None, "update() was never called"
+        return copy.deepcopy(self.best_state)

@@ -1,0 +1,79 @@
+"""Ray Train adapter: the code that runs in every Train worker. Thin on purpose.
+
+It rebuilds the validated config, feeds ``train_one_epoch`` from the worker's Ray Data
+shard, evaluates on the (unsplit, repetition-averaged) validation set, logs each epoch to
+MLflow from rank 0 and reports to Ray Train (a barrier every rank calls). The best weights
+by the VALIDATION selection metric are attached as a checkpoint to the last report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from .loop import EarlyStopping, build_run, evaluate, train_one_epoch
+
+__all__ = ["train_loop_per_worker"]
+
+
+def _collect(shard: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xs, ii, ss = [], [], []
+    for b in shard.iter_torch_batches(batch_size=1024):
+        xs.append(b["epoch"])
+        ii.append(b["image_index"])
+        ss.append(b["subject_index"])
+    return torch.cat(xs), torch.cat(ii), torch.cat(ss)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from .. import tracking
+
+    cfg = TrainConfig.from_flat(config["cfg"])
+    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    emb = torch.from_numpy(np.load(config["emb_path"]))
+    run = build_run(cfg, n_chans=config["n_chans"], n_times=config["n_times"], image_emb=emb, device=device)
+    if ctx.get_world_size() > 1:
+        run.model = ray.train.torch.prepare_model(run.model)
+    train = ray.train.get_dataset_shard("train")
+    vx, vi, vs = _collect(ray.train.get_dataset_shard("val"))
+    stopper = EarlyStopping(cfg.select_metric, cfg.patience)
+    mlflow_run = config.get("mlflow_run_id")
+    buffer = max(4 * cfg.batch_size, min(config.get("n_train_rows", 0), 20_000))
+    for epoch in range(cfg.epochs):
+        batches = train.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,  # batch composition is the negatives: keep batches full
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=cfg.seed * 10_000 + epoch,
+        )
+        metrics = train_one_epoch(run, batches)
+        metrics |= evaluate(run, vx, vi, vs)
+        stopper.update(run, metrics)
+        metrics |= {"epoch": epoch, "best_epoch": stopper.best_epoch, "val_top1_best": stopper.best_top1}
+        last = epoch == cfg.epochs - 1 or stopper.should_stop
+        if rank == 0 and mlflow_run:
+            tracking.log_metrics(mlflow_run, metrics, step=epoch, uri=config.get("mlflow_uri"))
+        if last and config.get("save_checkpoint") and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(stopper.state_copy(), os.path.join(d, "model.pt"))
+                Path(d, "best.json").write_text(
+                    json.dumps({"best_epoch": stopper.best_epoch, "metric": cfg.select_metric, "value": stopper.best})
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        if last:
+            break

@@ -1,0 +1,250 @@
+"""Driver side of a training run: checks, data preparation, MLflow run, TorchTrainer, test.
+
+Everything that can be wrong with the inputs (paths, subjects, tables, coverage of image
+ids, shapes) is checked before any Ray resource is requested. Test data are touched only
+here, after training, with the checkpoint selected on validation data; search trials call
+``run_training(..., evaluate_test=False)`` and never load the test split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import tracking
+from .._io import atomic_file
+from ..config import TrainConfig
+from ..data.contract import open_dataset
+from ..data.prepare import catalog_embeddings, check_subjects, load_table_for, load_test, prepare
+from ..metrics import retrieval_ranks
+from ..paths import ray_storage
+from .loop import build_run, encode
+
+__all__ = ["TrainResult", "ensure_ray", "run_tags", "run_training"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_id: str
+    val: dict[str, float]
+    test: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = -1
+    checkpoint: Path | None = None
+
+
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray with the dashboard.
+
+    Locally we declare at least 4 logical CPUs: a Tune trial, a Train worker and Ray Data
+    each need a whole logical CPU, and on a 2-core machine fewer deadlocks Ray Data.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
+        return
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=False,
+    )
+
+
+def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
+             table_sha: str, role: str) -> dict[str, str]:
+    """The tags every run carries (filterable in the MLflow UI)."""
+    return {
+        "role": role,
+        "dataset": Path(cfg.data.path).name,
+        "data_source": source,
+        "data_fingerprint": fingerprint,
+        "table_sha256": table_sha[:16],
+        "subjects": ",".join(cfg.data.subjects),
+        "test_subjects": ",".join(cfg.data.eval_subjects),
+        "brain_encoder": cfg.encoder,
+        "image_table": cfg.data.image_table,
+        "backbone": backbone,
+        "alignment": alignment,
+        "aligned": str(alignment != "none").lower(),
+        "seed": str(cfg.seed),
+        "git_commit": tracking.code_version(),
+        "config_hash": cfg.config_hash(),
+    }
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    role: str = "train",
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
+    storage_name: str | None = None,
+    evaluate_test: bool = True,
+    save_checkpoint: bool = True,
+    mlflow_uri: str | None = None,
+) -> TrainResult:
+    """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it."""
+    cfg = cfg.resolved()
+    ds = open_dataset(cfg.data.path)
+    check_subjects(ds, cfg.data.subjects, "data.subjects")
+    check_subjects(ds, cfg.data.eval_subjects, "data.test_subjects")
+    table, table_path = load_table_for(cfg)
+    needed = ds.image_ids("train") + (ds.image_ids("test") if evaluate_test else [])
+    emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
+    prepared = prepare(cfg)
+    emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
+    if not emb_path.is_file():
+        with atomic_file(emb_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+
+    uri = mlflow_uri or tracking.tracking_uri()
+    tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
+                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=role)
+    tags |= dict(extra_tags or {})
+    params = cfg.to_flat() | {"n_train_rows": prepared.n_train_rows, "n_val_rows": prepared.n_val_rows}
+    run_name = cfg.run_name or f"{cfg.encoder}-{table.backbone}-{table.alignment}-s{cfg.seed}"
+    run_id = tracking.start_run(cfg.experiment, run_name=run_name, params=params, tags=tags,
+                                parent_run_id=parent_run_id, uri=uri)
+    log.info("MLflow run %s (%s)", run_id, run_name)
+    try:
+        result = _fit(cfg, prepared, emb_path, run_id, uri, callbacks, storage_name, save_checkpoint)
+        if evaluate_test:
+            if result.checkpoint is None:
+                raise RuntimeError("training produced no checkpoint to test")
+            result.test = _test(cfg, result.checkpoint, emb, ds, run_id, uri)
+            _log_artifacts(cfg, result, run_id, uri)
+        tracking.end_run(run_id, "FINISHED", uri=uri)
+    except KeyboardInterrupt:
+        tracking.end_run(run_id, "KILLED", uri=uri)
+        raise
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri=uri)
+        raise
+    return result
+
+
+def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
+         callbacks: Sequence[Any], storage_name: str | None, save_checkpoint: bool) -> TrainResult:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .ray_worker import train_loop_per_worker
+
+    ensure_ray()
+    train_ds = ray.data.read_parquet(str(prepared.train_dir)).materialize()
+    val_ds = ray.data.read_parquet(str(prepared.val_dir)).materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_flat(),
+            "emb_path": str(emb_path),
+            "n_chans": prepared.n_chans,
+            "n_times": prepared.n_times,
+            "n_train_rows": prepared.n_train_rows,
+            "mlflow_run_id": run_id,
+            "mlflow_uri": uri,
+            "save_checkpoint": save_checkpoint,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {}),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=storage_name or f"train-{run_id}",
+            storage_path=str(ray_storage()),
+            callbacks=list(callbacks),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt_path: Path | None = None
+    best: dict[str, Any] = {}
+    if result.checkpoint is not None:
+        ckpt_path = Path(result.checkpoint.path) / "model.pt"
+        best = json.loads((Path(result.checkpoint.path) / "best.json").read_text())
+    metrics = dict(result.metrics or {})
+    return TrainResult(
+        run_id=run_id,
+        val={k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
+        best_epoch=int(best.get("best_epoch", -1)),
+        checkpoint=ckpt_path,
+    )
+
+
+def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, emb: np.ndarray) -> Any:
+    """A ``Run`` with the checkpoint's weights (loaded with ``weights_only=True``)."""
+    run = build_run(cfg, n_chans=n_chans, n_times=n_times, image_emb=torch.from_numpy(emb))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    run.model.load_state_dict(state)
+    return run
+
+
+def _test(cfg: TrainConfig, checkpoint: Path, emb: np.ndarray, ds: Any, run_id: str, uri: str) -> dict[str, float]:
+    """N-way retrieval of repetition-averaged test trials against the test images."""
+    run = load_model(cfg, checkpoint, ds.meta.n_chans, ds.meta.n_times, emb)
+    pos = ds.image_index()
+    out: dict[str, float] = {}
+    rows = []
+    per_subject = []
+    for subject in cfg.data.eval_subjects:
+        ids, x = load_test(cfg, subject)
+        sidx = cfg.data.subjects.index(subject) if subject in cfg.data.subjects else -1
+        z = encode(run, torch.from_numpy(x), torch.full((len(ids),), sidx, dtype=torch.long))
+        gallery = run.image_emb[[pos[i] for i in ids]]
+        targets = torch.arange(len(ids))
+        ranks = retrieval_ranks(z, gallery, targets)
+        from ..metrics import similarity
+
+        top5 = similarity(z, gallery).topk(min(5, len(ids)), dim=1).indices
+        acc = {k: float((ranks <= k).float().mean()) for k in (1, 5)}
+        per_subject.append(acc)
+        out[f"test_top1_sub-{subject}"] = acc[1]
+        out[f"test_top5_sub-{subject}"] = acc[5]
+        for i, image_id in enumerate(ids):
+            rows.append((subject, image_id, int(ranks[i]), ";".join(ids[j] for j in top5[i].tolist())))
+    out["test_top1"] = float(np.mean([a[1] for a in per_subject]))
+    out["test_top5"] = float(np.mean([a[5] for a in per_subject]))
+    out["test_n_way"] = float(len(rows) / max(len(per_subject), 1))
+    tracking.log_metrics(run_id, out, uri=uri)
+    buf = io.StringIO()
+    buf.write("subject,image_id,rank,top5\n")
+    for r in rows:
+        buf.write(",".join(map(str, r)) + "\n")
+    tracking.log_text(run_id, buf.getvalue(), "retrieval/test_rankings.csv", uri=uri)
+    return out
+
+
+def _log_artifacts(cfg: TrainConfig, result: TrainResult, run_id: str, uri: str) -> None:
+    assert result.checkpoint is not None
+    tracking.log_artifact(run_id, result.checkpoint, "checkpoint", uri=uri)
+    tracking.log_dict(run_id, cfg.to_flat(), "config/resolved_config.json", uri=uri)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "best.json"
+        p.write_text(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test}, indent=2))
+        tracking.log_artifact(run_id, p, "checkpoint", uri=uri)

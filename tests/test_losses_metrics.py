@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from brainalign.losses import SymmetricInfoNCE, center_normalize
+from brainalign.metrics import retrieval_ranks, topk_accuracy
+
+
+def _np_info_nce(b: np.ndarray, i: np.ndarray, t: float) -> float:
+    def cn(z: np.ndarray) -> np.ndarray:
+        z = z - z.mean(1, keepdims=True)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    logits = cn(b) @ cn(i).T / t
+    n = len(b)
+
+    def ce(lg: np.ndarray) -> float:
+        lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+        return float(np.mean(lse - lg[np.arange(n), np.arange(n)]))
+
+    return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def test_info_nce_equals_hand_computation() -> None:
+    rng = np.random.default_rng(0)
+    b, i = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    got = SymmetricInfoNCE(0.07)(torch.tensor(b), torch.tensor(i)).item()
+    assert got == pytest.approx(_np_info_nce(b, i, 0.07), rel=1e-5)
+
+
+def test_info_nce_is_low_for_matching_and_symmetric() -> None:
+    z = torch.randn(8, 16)
+    loss = SymmetricInfoNCE(0.04)
+    assert loss(z, z).item() < loss(z, torch.randn(8, 16)).item()
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    assert loss(a, b).item() == pytest.approx(loss(b, a).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_fixed_temperature_is_not_a_parameter_learned_one_is() -> None:
+    fixed = SymmetricInfoNCE(0.04)
+    assert list(fixed.parameters()) == [] and fixed.temperature == pytest.approx(0.04)
+    learned = SymmetricInfoNCE(0.1, learn_temperature=True)
+    (p,) = list(learned.parameters())
+    assert p.item() == pytest.approx(math.log(10))
+
+
+def test_center_normalize() -> None:
+    z = center_normalize(torch.randn(4, 7) + 5)
+    assert torch.allclose(z.mean(1), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+def _np_topk(q: np.ndarray, g: np.ndarray, t: np.ndarray, k: int) -> float:
+    def cn(z: np.ndarray) -> np.ndarray:
+        z = z - z.mean(1, keepdims=True)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    s = cn(q) @ cn(g).T
+    hits = 0
+    for row, target in zip(s, t, strict=True):
+        # pessimistic: every other item scoring >= the target is ranked before it
+        rank = 1 + sum(1 for j, v in enumerate(row) if j != target and v >= row[target])
+        hits += rank <= k
+    return hits / len(t)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_equals_independent_numpy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(30, 8))
+    q = g[rng.integers(0, 30, 25)] + rng.normal(size=(25, 8))
+    t = rng.integers(0, 30, 25)
+    got = topk_accuracy(torch.tensor(q), torch.tensor(g), torch.tensor(t), ks=(1, 5))
+    assert got["top1"] == pytest.approx(_np_topk(q, g, t, 1))
+    assert got["top5"] == pytest.approx(_np_topk(q, g, t, 5))
+
+
+def test_ties_are_counted_against_the_query() -> None:
+    g = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rows 0 and 1 tie
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    assert retrieval_ranks(q, g, torch.tensor([0])).item() == 2
+    assert topk_accuracy(q, g, torch.tensor([0]), ks=(1, 2)) == {"top1": 0.0, "top2": 1.0}
+    # a constant model is never above chance
+    const = torch.ones(10, 4)
+    assert topk_accuracy(const, torch.randn(10, 4), ks=(1,))["top1"] == 0.0

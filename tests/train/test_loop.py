@@ -1,0 +1,85 @@
+"""The pure-torch loop: schedule, learning, early stopping, determinism (no Ray)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainalign import TrainConfig
+from brainalign.config import DataConfig
+from brainalign.data.contract import open_dataset, read_embedding_table
+from brainalign.train.loop import EarlyStopping, build_run, cosine_lr, evaluate, train_one_epoch
+
+
+def test_cosine_schedule_over_epochs_with_warmup() -> None:
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=1e-3, min_lr=1e-5)
+    lrs = [cosine_lr(cfg, e) for e in range(10)]
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    assert cosine_lr(cfg, 10) == pytest.approx(1e-5)
+
+
+def _toy_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ds = open_dataset(root)
+    ids, _r, x = ds.load_epochs("01", "train")
+    pos = ds.image_index()
+    table = read_embedding_table(root / "embeddings" / "toy__simulated.parquet")
+    emb = torch.from_numpy(table.lookup(ds.image_ids()))
+    return torch.from_numpy(x), torch.tensor([pos[i] for i in ids]), emb
+
+
+def _fit(root: Path, epochs: int, seed: int = 0, **kw: object) -> tuple[list[dict[str, float]], object]:
+    x, idx, emb = _toy_tensors(root)
+    cfg = TrainConfig(data=DataConfig(path=str(root)), epochs=epochs, batch_size=16, lr=1e-3, seed=seed,
+                      **kw)  # type: ignore[arg-type]
+    run = build_run(cfg, n_chans=x.shape[1], n_times=x.shape[2], image_emb=emb)
+    g = torch.Generator().manual_seed(seed)
+    hist = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        batches = [{"epoch": x[perm[s:s + 16]], "image_index": idx[perm[s:s + 16]]} for s in range(0, len(x), 16)]
+        m = train_one_epoch(run, batches)
+        m |= evaluate(run, x[:40], idx[:40], None)
+        hist.append(m)
+    return hist, run
+
+
+def test_training_reduces_loss_and_is_deterministic(tmp_path: Path) -> None:
+    from brainalign.testing import write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy", subjects=("01",), n_train_concepts=10, n_test=4, noise=0.3)
+    torch.set_num_threads(1)
+    h1, _ = _fit(root, 6)
+    h2, _ = _fit(root, 6)
+    assert h1[-1]["train_loss"] < h1[0]["train_loss"]
+    assert h1[-1]["val_top1"] > 2 / 40  # well above 1/40 chance on (seen) images
+    assert [m["train_loss"] for m in h1] == [m["train_loss"] for m in h2]
+
+
+def test_learned_temperature_is_optimized(tmp_path: Path) -> None:
+    from brainalign.testing import write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy", subjects=("01",), n_train_concepts=5, n_test=2)
+    hist, run = _fit(root, 2, learn_temperature=True, temperature=0.2)
+    assert hist[-1]["temperature"] != pytest.approx(0.2)
+    _, fixed = _fit(root, 2, temperature=0.2)
+    assert fixed.loss_fn.temperature == pytest.approx(0.2)
+
+
+def test_early_stopping_keeps_best_weights_by_validation() -> None:
+    class R:
+        epoch = 0
+        model = torch.nn.Linear(2, 2)
+
+    stop = EarlyStopping("val_loss", patience=2)
+    run = R()
+    for e, loss in enumerate([3.0, 2.0, 2.5, 2.6]):
+        run.epoch = e + 1
+        with torch.no_grad():
+            run.model.weight.fill_(float(e))
+        stop.update(run, {"val_loss": loss, "val_top1": 0.1 * e})  # type: ignore[arg-type]
+    assert stop.best_epoch == 1 and stop.should_stop
+    assert torch.all(stop.state_copy()["weight"] == 1.0)
+    assert stop.best_top1 == pytest.approx(0.3)
+    assert np.isclose(stop.best, 2.0)

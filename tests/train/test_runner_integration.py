@@ -1,0 +1,79 @@
+"""End to end through the real things: Parquet -> Ray Data -> Ray Train -> test -> MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from brainalign import BrainalignError, TrainConfig
+from brainalign.config import DataConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(root: Path, **kw: object) -> TrainConfig:
+    data = DataConfig(path=str(root), subjects=("01",), image_table="sim-clip:simulated")
+    base: dict[str, object] = dict(data=data, epochs=2, batch_size=32, lr=1e-3, seed=7, experiment="it")
+    return TrainConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_two_epoch_run_lands_in_mlflow(ray_session: object, tiny_dataset: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from brainalign import paths
+    from brainalign.train.runner import run_training
+
+    res = run_training(_cfg(tiny_dataset))
+    n_way = int(res.test["test_n_way"])
+    assert n_way == 20
+    # above chance after 2 epochs on 120 training images: top-5 (chance 5/20) and the mean rank
+    assert res.test["test_top5"] > 1.3 * 5 / n_way
+    client = MlflowClient(paths.mlflow_tracking_uri())
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    for key in ("dataset", "data_source", "data_fingerprint", "subjects", "brain_encoder", "backbone",
+                "alignment", "seed", "git_commit", "config_hash", "role"):
+        assert tags.get(key), key
+    assert (tags["brain_encoder"], tags["backbone"], tags["alignment"], tags["seed"]) == ("nice", "sim-clip",
+                                                                                        "simulated", "7")
+    assert tags["data_source"] == "simulated"
+    assert run.data.params["lr"] == "0.001" and run.data.params["data.subjects"] == "01"
+    for m in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "temperature"):
+        hist = client.get_metric_history(res.run_id, m)
+        assert [h.step for h in hist] == [0, 1], m
+    assert run.data.metrics["test_top1"] == pytest.approx(res.test["test_top1"])
+    arts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"checkpoint", "config", "retrieval"} <= arts
+    ckpt = Path(client.download_artifacts(res.run_id, "checkpoint/model.pt", str(tmp_path)))
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)
+    assert any(k.startswith("repr_layer") for k in state)
+    rankings = Path(client.download_artifacts(res.run_id, "retrieval/test_rankings.csv", str(tmp_path)))
+    lines = rankings.read_text().splitlines()
+    assert lines[0] == "subject,image_id,rank,top5" and len(lines) == 1 + n_way
+    mean_rank = sum(int(r.split(",")[2]) for r in lines[1:]) / n_way
+    assert mean_rank < 0.8 * (n_way + 1) / 2  # chance mean rank is (n+1)/2
+    conf = json.loads(Path(client.download_artifacts(res.run_id, "config/resolved_config.json",
+                                                     str(tmp_path))).read_text())
+    assert conf["data.path"] == str(tiny_dataset)
+    # artifacts live under the absolute store root, not in some process's working directory
+    assert run.info.artifact_uri.startswith((paths.home() / "mlruns").as_uri())
+
+
+def test_bad_inputs_fail_before_any_compute(tiny_dataset: Path, tmp_path: Path) -> None:
+    from brainalign.train.runner import run_training
+
+    with pytest.raises(BrainalignError, match="does not exist"):
+        run_training(_cfg(tmp_path / "missing"))
+    with pytest.raises(BrainalignError, match=r"data.subjects \['09'\] not in dataset"):
+        run_training(_cfg(tiny_dataset, data=DataConfig(path=str(tiny_dataset), subjects=("09",),
+                                                         image_table="sim-clip:simulated")))
+    with pytest.raises(BrainalignError, match="Did you mean 'sim-clip:simulated'"):
+        run_training(_cfg(tiny_dataset, data=DataConfig(path=str(tiny_dataset), image_table="sim-clip:simulatd")))
+    # nothing was tracked or prepared for these
+    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "cache").exists()
