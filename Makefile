@@ -23,10 +23,8 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 
 install: $(STAMP)  ## create .venv with the pinned dependencies
 
-$(MINI)/dataset.json: | $(STAMP)
+train: $(STAMP)  ## one NICE run on the simulated mini dataset (simulated first if missing)
 	$(BIN)/brainalign data simulate --preset mini --out $(MINI) --seed 0
-
-train: $(STAMP) $(MINI)/dataset.json  ## one NICE run on the simulated mini dataset
 	$(BIN)/brainalign train --config jobs/train_mini.toml $(ARGS)
 
 sweep: $(STAMP)  ## the study in $(STUDY): searches, finals, aligned-vs-base report

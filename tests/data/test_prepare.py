@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from brainalign import BrainalignError, TrainConfig
+from brainalign.config import DataConfig
+from brainalign.data.contract import open_dataset
+from brainalign.data.prepare import load_test, normalize_epochs, prepare, split_images
+from brainalign.testing import write_toy_dataset
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    return write_toy_dataset(tmp_path / "toy", n_train_concepts=10, images_per_concept=4, n_test=6,
+                             train_reps=3, test_reps=5)
+
+
+def _cfg(root: Path, **data: object) -> TrainConfig:
+    return TrainConfig(data=DataConfig(path=str(root), image_table="toy:simulated", **data))  # type: ignore[arg-type]
+
+
+def _rows(d: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = pq.read_table(d)
+    return (t.column("image_index").to_numpy(), t.column("subject_index").to_numpy(),
+            t.column("epoch").combine_chunks().to_numpy_ndarray())
+
+
+def test_split_is_by_image_seeded_and_disjoint() -> None:
+    ids = [f"i{k}" for k in range(100)] * 4  # repetitions must not matter
+    tr, va = split_images(ids, 0.1, seed=1)
+    assert len(va) == 10 and len(tr) == 90 and not set(tr) & set(va)
+    assert split_images(ids, 0.1, seed=1) == (tr, va)
+    assert split_images(ids, 0.1, seed=2)[1] != va
+
+
+def test_average_mode_cross_subject_split(toy: Path) -> None:
+    p = prepare(_cfg(toy, subjects=("01", "02")))
+    ds = open_dataset(toy)
+    cat = ds.image_ids()
+    ti, ts, tx = _rows(p.train_dir)
+    vi, vs, vx = _rows(p.val_dir)
+    val_ids = {cat[i] for i in vi}
+    assert val_ids == set(p.val_images) and not val_ids & {cat[i] for i in ti}
+    # the same validation images for both subjects; one averaged row per (subject, image)
+    assert sorted(vs.tolist()) == [0] * 4 + [1] * 4 and len(ti) == 2 * 36
+    assert tx.shape[1:] == (17, 100) and tx.dtype == np.float32
+    # an averaged row equals the mean of that image's stored repetitions
+    ids, _r, x = ds.load_epochs("01", "train")
+    k = int(np.where(ts == 0)[0][0])
+    image = cat[ti[k]]
+    np.testing.assert_allclose(tx[k], x[[i for i, j in enumerate(ids) if j == image]].mean(0), atol=1e-5)
+    # rows are shuffled, not in catalog order
+    assert list(ti[ts == 0]) != sorted(ti[ts == 0])
+    # cached: a second call reuses the directory
+    assert prepare(_cfg(toy, subjects=("01", "02"))).root == p.root
+
+
+def test_single_trial_mode_and_normalization(toy: Path) -> None:
+    p = prepare(_cfg(toy, train_trials="single", normalize="center_l2"))
+    ti, _s, tx = _rows(p.train_dir)
+    assert len(ti) == 36 * 3
+    np.testing.assert_allclose(tx.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(tx, axis=-1), 1, atol=1e-4)
+    x = np.random.default_rng(0).normal(size=(2, 3, 50))
+    assert normalize_epochs(x, "none") is x
+
+
+def test_test_split_is_averaged_in_catalog_order(toy: Path) -> None:
+    ids, x = load_test(_cfg(toy), "02")
+    ds = open_dataset(toy)
+    assert ids == ds.image_ids("test") and x.shape == (6, 17, 100)
+    raw_ids, _r, raw = ds.load_epochs("02", "test")
+    np.testing.assert_allclose(x[0], raw[[i for i, j in enumerate(raw_ids) if j == ids[0]]].mean(0), atol=1e-5)
+    with pytest.raises(BrainalignError, match=r"test subject \['07'\] not in dataset"):
+        load_test(_cfg(toy), "07")
