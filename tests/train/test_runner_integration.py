@@ -77,3 +77,23 @@ def test_bad_inputs_fail_before_any_compute(tiny_dataset: Path, tmp_path: Path) 
     # nothing was tracked or prepared for these
     assert not (tmp_path / "mlruns").exists()
     assert not (tmp_path / "cache").exists()
+
+
+def test_same_seed_same_metrics_through_ray(ray_session: object, tiny_dataset: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from brainalign import paths
+    from brainalign.train.runner import run_training
+
+    cfg = _cfg(tiny_dataset, epochs=2, seed=11)
+    a = run_training(cfg, evaluate_test=False, save_checkpoint=False)
+    b = run_training(cfg, evaluate_test=False, save_checkpoint=False)
+    client = MlflowClient(paths.mlflow_tracking_uri())
+
+    def curve(run_id: str, key: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run_id, key)]
+
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert curve(a.run_id, key) == curve(b.run_id, key) and len(curve(a.run_id, key)) == 2, key
+    # no test metric exists on runs trained without evaluate_test
+    assert not [k for k in client.get_run(a.run_id).data.metrics if k.startswith("test")]
