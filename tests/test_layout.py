@@ -26,6 +26,6 @@ def test_imports_from_repo_root_resolve_to_real_modules() -> None:
 
 
 def test_import_brainalign_is_light() -> None:
-    code = "import sys, brainalign; bad=[m for m in ('ray','mlflow','optuna') if m in sys.modules]; print(bad)"
+    code = "import sys, brainalign; bad=[m for m in ('ray','mlflow','optuna','torch') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,15 +1,15 @@
 """brainalign: decode what a person saw from brain signals, with human-aligned image encoders.
 
-The public surface is small and light: importing ``brainalign`` does not import Ray or
-MLflow (those live in ``brainalign.train.runner``, ``brainalign.sweep`` and
-``brainalign.tracking``).
+The public surface is small and light: ``import brainalign`` imports neither torch, Ray nor
+MLflow (torch-backed names load on first use; Ray and MLflow live in
+``brainalign.train.runner``, ``brainalign.sweep`` and ``brainalign.tracking``).
 """
+
+from typing import Any
 
 from ._checks import BrainalignError
 from .config import DataConfig, TrainConfig, load_config
 from .data.contract import open_dataset
-from .losses import SymmetricInfoNCE
-from .metrics import topk_accuracy
 
 __version__ = "0.1.0"
 
@@ -23,3 +23,13 @@ __all__ = [
     "open_dataset",
     "topk_accuracy",
 ]
+
+_LAZY = {"SymmetricInfoNCE": "losses", "topk_accuracy": "metrics"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'brainalign' has no attribute {name!r}")
