@@ -10,15 +10,29 @@ Impossible shapes must fail in ``__init__`` with a message naming the shape.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._checks import BrainalignError, check_option
 
-__all__ = ["EncoderInfo", "create_encoder", "encoder_info", "list_encoders", "register_encoder"]
+__all__ = [
+    "REFERENCE_SHAPES",
+    "EncoderInfo",
+    "count_parameters",
+    "create_encoder",
+    "describe_encoders",
+    "encoder_info",
+    "list_encoders",
+    "register_encoder",
+]
+
+#: The paper's input shapes per modality, ``(n_chans, n_times)``: THINGS-EEG2 (63 ch, 250 Hz,
+#: 0-1 s), THINGS-MEG (271 ch, 200 Hz, 0-1 s) and NSD subject 1 (15,724 nsdgeneral voxels).
+REFERENCE_SHAPES: dict[str, tuple[int, int]] = {"eeg": (63, 250), "meg": (271, 201), "fmri": (15724, 1)}
 
 
 @dataclass(frozen=True)
@@ -105,3 +119,99 @@ def create_encoder(
     if info.subject_aware:
         kwargs["n_subjects"] = n_subjects or 1
     return info.cls(**kwargs)
+
+
+def count_parameters(
+    name: str,
+    *,
+    n_chans: int,
+    n_times: int,
+    embed_dim: int,
+    n_subjects: int | None = None,
+    **arch: Any,
+) -> int:
+    """Number of learnable parameters of encoder ``name`` built for this shape.
+
+    Builds on PyTorch's ``meta`` device (no memory, no init cost: a 135M-parameter fMRI MLP
+    counts instantly), except for encoder classes with ``meta_init = False``, whose construction
+    computes on real tensors (the braindecode backbones measure their feature size with a
+    forward pass); those are built on the CPU.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    n_chans, n_times, embed_dim, n_subjects, **arch
+        As for :func:`create_encoder`.
+
+    Returns
+    -------
+    int
+        ``sum(p.numel() for p in model.parameters())``.
+
+    Raises
+    ------
+    BrainalignError
+        For an unknown name or a shape the encoder refuses.
+    """
+    kwargs: dict[str, Any] = dict(
+        n_chans=n_chans, n_times=n_times, embed_dim=embed_dim, n_subjects=n_subjects
+    )
+    if getattr(encoder_info(name).cls, "meta_init", True):
+        with torch.device("meta"):
+            model = create_encoder(name, **kwargs, **arch)
+    else:
+        with torch.no_grad():
+            model = create_encoder(name, **kwargs, **arch)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shape_for(info: EncoderInfo, n_chans: int, n_times: int) -> tuple[int, int]:
+    """``(n_chans, n_times)`` if the encoder takes time series, else its own reference shape."""
+    if "eeg" in info.modalities or "meg" in info.modalities:
+        return n_chans, n_times
+    return REFERENCE_SHAPES[info.modalities[0]]
+
+
+def describe_encoders(
+    *, n_chans: int = 63, n_times: int = 250, embed_dim: int = 768, n_subjects: int = 10
+) -> Iterator[dict[str, Any]]:
+    """One row per registered encoder, for listings (``brainalign encoders``) and docs.
+
+    Time-series encoders are counted at ``(n_chans, n_times)``; an encoder that takes no time
+    series (the fMRI MLP) at its modality's :data:`REFERENCE_SHAPES` entry, reported in ``shape``.
+
+    Parameters
+    ----------
+    n_chans, n_times, embed_dim : int
+        Shape to count parameters at (default: THINGS-EEG2 63 x 250 and D = 768).
+    n_subjects : int
+        Training subjects for subject-aware encoders (10, as in THINGS-EEG2).
+
+    Yields
+    ------
+    dict
+        ``name``, ``reference``, ``modalities`` (tuple), ``subject_aware`` (bool), ``shape``
+        (``"63x250"``), ``params`` (int, or ``None`` where the encoder refuses the shape) and
+        ``error`` (the refusal message, or ``""``).
+    """
+    for name in list_encoders():
+        info = _ENCODERS[name]
+        chans, times = _shape_for(info, n_chans, n_times)
+        params: int | None
+        try:
+            params = count_parameters(
+                name, n_chans=chans, n_times=times, embed_dim=embed_dim, n_subjects=n_subjects
+            )
+            error = ""
+        except BrainalignError as e:
+            params, error = None, str(e)
+        yield {
+            "name": name,
+            "reference": info.reference,
+            "modalities": info.modalities,
+            "subject_aware": info.subject_aware,
+            "shape": f"{chans}x{times}",
+            "params": params,
+            "error": error,
+        }

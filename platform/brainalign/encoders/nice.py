@@ -71,7 +71,8 @@ class _Residual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fn(x)
+        out: torch.Tensor = x + self.fn(x)
+        return out
 
 
 class NICEProjector(nn.Sequential):
@@ -190,7 +191,12 @@ class NICE(nn.Module):
         self.projector = NICEProjector(self.n_features, embed_dim, proj_drop_prob)
         self.repr_layer = nn.Linear(embed_dim, embed_dim)
         logger.debug(
-            "NICE (%d x %d) -> %d features -> %d (fast=%s)", n_chans, n_times, self.n_features, embed_dim, fast
+            "NICE (%d x %d) -> %d features -> %d (fast=%s)",
+            n_chans,
+            n_times,
+            self.n_features,
+            embed_dim,
+            fast,
         )
 
     # ------------------------------------------------------------------ temporal stage
@@ -259,4 +265,5 @@ class NICE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_chans, n_times) -> (B, embed_dim)``, not normalized."""
-        return self.repr_layer(self.projector(self.features(x)))
+        out: torch.Tensor = self.repr_layer(self.projector(self.features(x)))
+        return out

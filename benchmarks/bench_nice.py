@@ -1,0 +1,205 @@
+"""Training-step throughput of NICE: fused fast path vs the straightforward conv -> avgpool.
+
+Not a test. Prints samples/s of a full training step (forward + backward + AdamW step, batch
+128, D=768) for ``fast=True`` and ``fast=False`` at 63 x 250 (THINGS-EEG2) and 17 x 100
+(Gifford's preprocessed release), the ratio, and checks that both paths give the same outputs
+(train mode with the same dropout seed, and eval mode) from the same state_dict.
+
+The two paths are timed in alternation, step by step, so that load from other processes on a
+shared machine hits both alike; the reported figure is the median step time.
+
+``--experiments`` also times the further exact rewrites that were tried (see docs/encoders.md):
+the first stage as one matmul over unfolded windows, a contiguous (not channels-last) layout
+after the fused conv, BN folded into the convolutions for eval-mode inference, and
+``torch.compile`` of the training step.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_nice.py                  # the two required shapes
+    .venv/bin/python benchmarks/bench_nice.py --experiments    # plus the variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from brainalign.encoders import create_encoder
+from brainalign.encoders.nice import NICE
+
+SHAPES = ((63, 250), (17, 100))
+
+
+# ---------------------------------------------------------------------------------- variants
+class UnfoldNICE(NICE):
+    """First stage as one matmul over unfolded windows: (B, C, P, L) @ (L, F)."""
+
+    def _fused_temporal(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.fused_kernel()
+        stride = int(self.tsconv[1].stride[1])  # type: ignore[index]
+        windows = x.unfold(-1, k.shape[1], stride)  # (B, C, P, L), a view
+        y = torch.matmul(windows, k.t()) + self.tsconv[0].bias  # (B, C, P, F)
+        return y.permute(0, 3, 1, 2)  # (B, F, C, P), channels-last memory
+
+
+class ContiguousNICE(NICE):
+    """The polyphase conv, but its output copied to the standard contiguous (B, F, C, P) layout."""
+
+    def _fused_temporal(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._fused_temporal(x).contiguous()
+
+
+def folded_eval_features(m: NICE, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode features with both BNs folded into the convolutions before them (exact)."""
+    conv, bn1, sconv, bn2 = m.tsconv[0], m.tsconv[2], m.tsconv[4], m.tsconv[5]
+    a1 = bn1.weight / torch.sqrt(bn1.running_var + bn1.eps)
+    a2 = bn2.weight / torch.sqrt(bn2.running_var + bn2.eps)
+    k = m.fused_kernel() * a1[:, None]
+    b1 = (conv.bias - bn1.running_mean) * a1 + bn1.bias
+    w2 = sconv.weight * a2[:, None, None, None]
+    b2 = (sconv.bias - bn2.running_mean) * a2 + bn2.bias
+    stride = int(m.tsconv[1].stride[1])  # type: ignore[index]
+    y = F.elu(torch.matmul(x.unfold(-1, k.shape[1], stride), k.t()) + b1).permute(0, 3, 1, 2)
+    y = F.elu(F.conv2d(y, w2, b2))
+    return m.projection(y.contiguous()).flatten(1)
+
+
+# ---------------------------------------------------------------------------------- timing
+def make_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    target = torch.randn(x.shape[0], 768)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], object]], n: int, warmup: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and process-CPU seconds per call of each callable, called in turn ``n`` times.
+
+    On a shared, loaded machine the wall time mostly measures the scheduler; the process CPU
+    time (all threads) is the steadier measure of the work done, so both are reported.
+    """
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(n):
+        for k, f in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
+
+
+def check_same_outputs(fast: NICE, slow: NICE, x: torch.Tensor) -> float:
+    """Max abs difference of outputs, train mode (same dropout seed) and eval mode."""
+    worst = 0.0
+    for mode in (True, False):
+        fast.train(mode)
+        slow.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(123)
+            a = fast(x)
+            torch.manual_seed(123)
+            b = slow(x)
+        worst = max(worst, float((a - b).abs().max()))
+    fast.train()
+    slow.train()
+    return worst
+
+
+def build_pair(n_chans: int, n_times: int) -> tuple[NICE, NICE]:
+    torch.manual_seed(0)
+    fast = create_encoder("nice", n_chans=n_chans, n_times=n_times, embed_dim=768, fast=True)
+    slow = copy.deepcopy(fast)
+    assert isinstance(fast, NICE) and isinstance(slow, NICE)
+    slow.fast = False
+    return fast, slow
+
+
+def variant(cls: type[NICE], like: NICE, n_chans: int, n_times: int) -> NICE:
+    m = cls(n_chans=n_chans, n_times=n_times, embed_dim=768)
+    m.load_state_dict(like.state_dict())
+    return m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per path (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--experiments", action="store_true", help="also time the further rewrites")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, D=768")
+    for n_chans, n_times in SHAPES:
+        torch.manual_seed(1)
+        x = torch.randn(args.batch, n_chans, n_times)
+        fast, slow = build_pair(n_chans, n_times)
+        diff = check_same_outputs(fast, slow, x)
+        assert diff < 1e-4, f"fast and straightforward NICE disagree by {diff}"
+        steps = {"straightforward": make_step(slow, x), "fast": make_step(fast, x)}
+        if args.experiments:
+            for name, cls in (("unfold-matmul", UnfoldNICE), ("fast-contiguous", ContiguousNICE)):
+                m = variant(cls, fast, n_chans, n_times)
+                ref = copy.deepcopy(fast)  # same BN running statistics as the variant
+                ref.fast = False
+                assert check_same_outputs(m, ref, x) < 1e-4, name
+                steps[name] = make_step(m, x)
+            compiled = copy.deepcopy(fast)
+            try:
+                steps["fast+compile"] = make_step(torch.compile(compiled), x)  # type: ignore[arg-type]
+                steps["fast+compile"]()  # compile now, not inside the timing
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
+                steps.pop("fast+compile", None)
+        med = time_alternating(steps, args.steps, args.warmup)
+        base, base_cpu = med["straightforward"]
+        print(f"{n_chans} x {n_times}: outputs agree to {diff:.1e}; load average {os.getloadavg()[0]:.1f}")
+        for name, (t, c) in med.items():
+            print(
+                f"  {name:16s} {args.batch / t:8.0f} samples/s  {t * 1e3:8.1f} ms/step  x{base / t:.2f}"
+                f"   | cpu {c * 1e3:8.1f} ms/step  x{base_cpu / c:.2f}"
+            )
+        if args.experiments:  # eval-mode inference: plain fast path vs BN folded into the convs
+            fast.eval()
+            slow.eval()
+            with torch.no_grad():
+                ref = fast.features(x)
+                diff_fold = float((folded_eval_features(fast, x) - ref).abs().max())
+                inf = time_alternating(
+                    {
+                        "eval straight": lambda s=slow, x=x: s.features(x),
+                        "eval fast": lambda f=fast, x=x: f.features(x),
+                        "eval fast+BN-fold": lambda f=fast, x=x: folded_eval_features(f, x),
+                    },
+                    args.steps,
+                    args.warmup,
+                )
+            fast.train()
+            slow.train()
+            print(f"  eval features, BN folded agrees to {diff_fold:.1e}:")
+            for name, (t, c) in inf.items():
+                print(f"    {name:18s} {args.batch / t:8.0f} samples/s  cpu {c * 1e3:7.1f} ms/batch")
+
+
+if __name__ == "__main__":
+    main()
