@@ -1,0 +1,215 @@
+"""A real tiny study: Ray Tune + Optuna + ASHA + Ray Train + MLflow (SQLite), resumed.
+
+One study runs once per module (2 arms x 2 trials x 2 epochs on subject 01, then finals on
+2 subjects x 2 seeds per arm); the tests inspect what it left in MLflow, in Ray's storage and
+in the report, then interrupt-and-resume it and count runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from scipy import stats
+
+pytestmark = pytest.mark.integration
+
+SPACE = """
+encoder = "nice"
+metric = "val_top1_best"
+mode = "max"
+[params]
+lr = { float = [2e-4, 2e-3], log = true }
+temperature = { float = [0.03, 0.1], log = true }
+"""
+
+STUDY = """
+[study]
+name = "sweep-it"
+dataset = "{dataset}"
+subjects = ["01", "02"]
+encoders = [{{ name = "nice", searchspace = "space.toml" }}]
+pairs = [{{ backbone = "sim-clip", aligned = "simulated" }}]
+trials = 2
+max_epochs = 2
+grace_period = 1
+final_seeds = 2
+seed = 0
+
+[config]
+batch_size = 16
+"arch.n_filters" = 8
+"""
+
+
+def _client(home: Path) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
+
+
+def _runs(home: Path, experiment: str = "sweep-it") -> list[Any]:
+    client = _client(home)
+    exp = client.get_experiment_by_name(experiment)
+    return list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+@pytest.fixture(scope="module")
+def study_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from brainalign.sweep import load_study, run_study
+
+    home = tmp_path_factory.mktemp("sweep-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINALIGN_HOME", str(home))
+        for var in ("MLFLOW_TRACKING_URI", "BRAINALIGN_CACHE", "BRAINALIGN_RAY_STORAGE"):
+            mp.delenv(var, raising=False)
+        (home / "space.toml").write_text(SPACE)
+        path = home / "study.toml"
+        path.write_text(STUDY.format(dataset=tiny_dataset))
+        study = load_study(path)
+        outcome = run_study(study, verbose=0)
+        yield SimpleNamespace(home=home, study=study, outcome=outcome, path=path)
+
+
+@pytest.fixture
+def home(study_run: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BRAINALIGN_HOME", str(study_run.home))
+    return Path(study_run.home)
+
+
+def test_mlflow_tree_roles_parents_tags_and_curves(study_run: Any, home: Path) -> None:
+    runs = _runs(home)
+    by_role: dict[str, list[Any]] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("role", "?"), []).append(r)
+    assert {k: len(v) for k, v in by_role.items()} == {"report": 1, "search": 2, "trial": 4, "final": 8}
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    (parent,) = by_role["report"]
+    assert parent.info.run_id == study_run.outcome.parent_run_id
+    searches = {r.info.run_id: r for r in by_role["search"]}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in searches.values())
+    assert {r.data.tags["alignment"] for r in searches.values()} == {"simulated", "none"}
+    for r in by_role["trial"] + by_role["final"]:
+        tags = r.data.tags
+        assert tags["mlflow.parentRunId"] in searches
+        search = searches[tags["mlflow.parentRunId"]]
+        for key in ("brain_encoder", "backbone", "alignment", "subject", "seed", "role"):
+            assert tags.get(key), (key, r.info.run_name)
+        assert tags["alignment"] == search.data.tags["alignment"] and tags["brain_encoder"] == "nice"
+    assert {r.data.tags["subject"] for r in by_role["trial"]} == {"01"}
+    finals = Counter((r.data.tags["alignment"], r.data.tags["subject"], r.data.tags["seed"]) for r in by_role["final"])
+    assert set(finals.values()) == {1} and len(finals) == 8
+    client = _client(home)
+    for r in by_role["trial"]:
+        curve = client.get_metric_history(r.info.run_id, "val_top1_best")
+        assert len(curve) >= 1 and [m.step for m in curve] == list(range(len(curve)))
+    for r in by_role["final"]:
+        assert 0.0 <= r.data.metrics["test_top1"] <= r.data.metrics["test_top5"] <= 1.0
+    for s in searches.values():
+        assert "best_val_top1_best" in s.data.metrics and s.data.metrics["n_trials"] == 2
+
+
+def test_search_never_sees_test_metrics(study_run: Any, home: Path) -> None:
+    for r in _runs(home):
+        if r.data.tags.get("role") in ("trial", "search"):
+            assert not [k for k in r.data.metrics if k.startswith("test")], r.info.run_name
+    # what Tune and Optuna saw: every reported result of every search trial
+    storage = home / "ray_results" / "sweep-it"
+    seen: set[str] = set()
+    for arm in study_run.study.arms():
+        files = list((storage / arm.name).glob("*/result.json"))
+        assert files, arm.name
+        for f in files:
+            for line in f.read_text().splitlines():
+                seen |= set(json.loads(line))
+    assert "val_top1_best" in seen and not [k for k in seen if k.startswith("test")]
+
+
+def test_report_artifacts_and_p_values_equal_scipy(study_run: Any, home: Path, tmp_path: Path) -> None:
+    client = _client(home)
+    pid = study_run.outcome.parent_run_id
+    names = {Path(a.path).name for a in client.list_artifacts(pid, "report")}
+    assert names == {"table.md", "table.html", "figure.png", "runs.csv", "stats.json"}
+    d = Path(client.download_artifacts(pid, "report", str(tmp_path)))
+    rows = list(csv.DictReader(io.StringIO((d / "runs.csv").read_text())))
+    assert len(rows) == 8
+    # the logged per-run values are the finals' MLflow metrics
+    for row in rows:
+        assert client.get_run(row["run_id"]).data.metrics["test_top1"] == pytest.approx(float(row["test_top1"]))
+    doc = json.loads((d / "stats.json").read_text())
+    parent = client.get_run(pid).data.metrics
+    for comp in doc["comparisons"]:
+        metric = comp["metric"]
+        val = {(r["arm"], r["subject"], int(r["seed"])): float(r[metric]) for r in rows}
+        keys = sorted({(s, k) for _, s, k in val})
+        a = [val[("aligned", *k)] for k in keys]
+        b = [val[("base", *k)] for k in keys]
+        subs = sorted({s for s, _ in keys})
+        a_sub = [sum(val[("aligned", s, k)] for s2, k in keys if s2 == s) / 2 for s in subs]
+        b_sub = [sum(val[("base", s, k)] for s2, k in keys if s2 == s) / 2 for s in subs]
+        for got, ref in ((comp["ttest_runs"]["p"], stats.ttest_rel(a, b).pvalue),
+                         (comp["ttest_subjects"]["p"], stats.ttest_rel(a_sub, b_sub).pvalue)):
+            if got is None:  # undefined (e.g. constant differences): NaN with a note
+                assert comp["notes"]
+            else:
+                assert got == pytest.approx(ref)
+        if comp["ttest_runs"]["p"] is not None:
+            assert parent[f"nice.sim-clip.{metric}.p_ttest_runs"] == pytest.approx(comp["ttest_runs"]["p"])
+        assert comp["aligned_subject_mean"] == pytest.approx(sum(a_sub) / len(a_sub))
+    md = (d / "table.md").read_text()
+    assert md == study_run.outcome.report.markdown and "| nice | sim-clip (simulated vs none)" in md
+    assert (d / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_interruption_adds_no_duplicate_runs(study_run: Any, home: Path) -> None:
+    from brainalign import tracking
+    from brainalign.sweep import load_study, run_study
+    from brainalign.sweep.finals import final_key
+
+    before = {r.info.run_id for r in _runs(home)}
+    study = load_study(study_run.path)
+    state_path = home / "ray_results" / "sweep-it" / "sweep_state.json"
+    state = json.loads(state_path.read_text())
+    arm = study.arms()[1]
+    # an interruption after the arm's search had finished in Tune but before its "done" marker,
+    # and in the middle of its finals: one final's record is lost, another final was cut short
+    # (its process was killed: its run stays RUNNING, its record was never written)
+    state["searches"][arm.name]["done"] = False
+    state["report_logged"] = False
+    lost, killed = final_key(arm, "01", 0), final_key(arm, "02", 1)
+    killed_run = state["finals"][killed]["run_id"]
+    del state["finals"][lost], state["finals"][killed]
+    state_path.write_text(json.dumps(state))
+    search_run = state["searches"][arm.name]["run_id"]
+    stale = tracking.start_run("sweep-it", run_name="killed attempt", parent_run_id=search_run,
+                               tags={"role": "final", "final_key": killed})
+    tracking.log_metrics(stale, {"train_loss": 1.0}, step=0)
+
+    outcome = run_study(study, verbose=0)
+
+    after = {r.info.run_id: r for r in _runs(home)}
+    assert set(after) == before  # the stale attempt is deleted, nothing is re-run
+    assert outcome.parent_run_id == study_run.outcome.parent_run_id
+    new_state = json.loads(state_path.read_text())
+    assert new_state["searches"][arm.name]["done"] and new_state["searches"][arm.name]["run_id"] == search_run
+    assert new_state["finals"][killed]["run_id"] == killed_run and lost in new_state["finals"]
+    assert _client(home).get_run(stale).info.lifecycle_stage == "deleted"
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    assert outcome.report.markdown == study_run.outcome.report.markdown
+
+
+def test_fresh_is_refused_for_an_edited_study(study_run: Any, home: Path) -> None:
+    from brainalign import BrainalignError
+    from brainalign.sweep import load_study, run_study
+
+    edited = home / "edited.toml"
+    edited.write_text(study_run.path.read_text().replace("final_seeds = 2", "final_seeds = 3"))
+    with pytest.raises(BrainalignError, match="was edited since its sweep started.*--fresh"):
+        run_study(load_study(edited), verbose=0)
