@@ -277,8 +277,18 @@ def check_equivalence(n_chans: int, n_times: int, batch: int) -> dict[str, float
     worst = worst_buf = 0.0
     for k, v in after.items():
         if k not in params:
-            if v.is_floating_point():
+            if k.endswith("running_mean"):
+                # a batch mean near 0 carries the amplified float noise of the norm before it: measure
+                # its error in units of the running std (the shift it causes in eval-mode outputs)
+                std = torch.sqrt(ref_sd[k.replace("running_mean", "running_var")].double() + 1e-5)
+                shift = float(((v.double() - ref_sd[k].double()).abs() / std).max())
+                worst_buf = max(worst_buf, shift)
+                if shift > 1e-2:
+                    raise EquivalenceError(f"batch-norm {k} differs by {shift:.3g} running std")
+            elif v.is_floating_point():
                 worst_buf = max(worst_buf, check_rel(f"batch-norm statistic {k}", v, ref_sd[k], tol=5e-3))
+            elif not torch.equal(v, ref_sd[k]):
+                raise EquivalenceError(f"{k} differs: {v} vs {ref_sd[k]}")
             continue
         d = (v.double() - ref_sd[k].double()).abs()
         worst = max(worst, float(d.max()) if d.numel() else 0.0)
@@ -286,7 +296,7 @@ def check_equivalence(n_chans: int, n_times: int, batch: int) -> dict[str, float
         n_all += d.numel()
     diffs["weights_after_step_max_abs"] = worst
     diffs["weights_after_step_off_share"] = n_off / max(n_all, 1)
-    diffs["bn_running_stats_rel"] = worst_buf
+    diffs["bn_running_stats_max_err"] = worst_buf
     if worst > 2.5 * cfg.lr or n_off > 2e-3 * n_all:
         raise EquivalenceError(
             f"weights after one step differ: max |diff| {worst:.3g} (lr {cfg.lr}), "

@@ -46,7 +46,7 @@ class DataConfig:
     image_table: str = "sim-clip:simulated"
     embeddings_dir: str = ""
     train_trials: str = "average"
-    normalize: str = "none"
+    normalize: str = "center_l2"
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:

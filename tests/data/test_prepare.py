@@ -36,7 +36,7 @@ def test_split_is_by_image_seeded_and_disjoint() -> None:
 
 
 def test_average_mode_cross_subject_split(toy: Path) -> None:
-    p = prepare(_cfg(toy, subjects=("01", "02")))
+    p = prepare(_cfg(toy, subjects=("01", "02"), normalize="none"))
     ds = open_dataset(toy)
     cat = ds.image_ids()
     ti, ts, tx = _rows(p.train_dir)
@@ -54,7 +54,7 @@ def test_average_mode_cross_subject_split(toy: Path) -> None:
     # rows are shuffled, not in catalog order
     assert list(ti[ts == 0]) != sorted(ti[ts == 0])
     # cached: a second call reuses the directory
-    assert prepare(_cfg(toy, subjects=("01", "02"))).root == p.root
+    assert prepare(_cfg(toy, subjects=("01", "02"), normalize="none")).root == p.root
 
 
 def test_single_trial_mode_and_normalization(toy: Path) -> None:
@@ -68,7 +68,7 @@ def test_single_trial_mode_and_normalization(toy: Path) -> None:
 
 
 def test_test_split_is_averaged_in_catalog_order(toy: Path) -> None:
-    ids, x = load_test(_cfg(toy), "02")
+    ids, x = load_test(_cfg(toy, normalize="none"), "02")
     ds = open_dataset(toy)
     assert ids == ds.image_ids("test") and x.shape == (6, 17, 100)
     raw_ids, _r, raw = ds.load_epochs("02", "test")

@@ -41,6 +41,7 @@ __all__ = [
     "DatasetMeta",
     "DatasetWriter",
     "EmbeddingTable",
+    "MANIFEST",
     "epoch_schema",
     "list_tables",
     "open_dataset",
