@@ -25,8 +25,9 @@ import numpy as np
 
 
 def make_images(root: Path, n: int, side: int) -> Path:
-    from brainalign.data.contract import write_catalog
     from PIL import Image
+
+    from brainalign.data.contract import write_catalog
 
     (root / "imgs").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -53,6 +54,7 @@ def main() -> None:
 
     import ray
     import torch
+
     from brainalign.data.contract import read_embedding_table
     from brainalign.images import embed_catalog, embed_images_local, image_encoder_info
     from brainalign.images.testing import register_tiny_encoders, write_tiny_weights

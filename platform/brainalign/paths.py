@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["KNOWN_ENV", "cache_dir", "home", "mlflow_tracking_uri", "ray_storage", "resolve"]
+__all__ = ["KNOWN_ENV", "cache_dir", "home", "mlflow_tracking_uri", "ray_storage", "resolve", "weights_dir"]
 
 KNOWN_ENV: dict[str, str] = {
     "BRAINALIGN_HOME": "root for local stores: data/, mlruns/, ray_results/, cache/ (default: cwd)",
@@ -50,3 +50,10 @@ def mlflow_tracking_uri() -> str:
 def mlflow_artifact_root() -> Path:
     """Absolute artifact root for experiments created in the local SQLite store."""
     return home() / "mlruns" / "artifacts"
+
+
+def weights_dir() -> Path | None:
+    """``BRAINALIGN_WEIGHTS`` as an absolute path, or None when unset (no default: weights are
+    never downloaded, the user names where they are)."""
+    value = os.environ.get("BRAINALIGN_WEIGHTS")
+    return resolve(value) if value else None

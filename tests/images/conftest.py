@@ -29,8 +29,9 @@ def sample_dir() -> Path:
 
 def make_catalog(root: Path, n_synthetic: int = 2, extra: dict[str, bytes] | None = None) -> Path:
     """``root/images.parquet`` over 3 sample photos + ``n_synthetic`` random images (+ raw files)."""
-    from brainalign.data.contract import write_catalog
     from PIL import Image
+
+    from brainalign.data.contract import write_catalog
 
     img = root / "imgs"
     img.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from brainalign.cli import main
 from brainalign.data.contract import open_dataset, read_catalog, read_embedding_table
 

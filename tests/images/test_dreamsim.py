@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from brainalign.images import image_encoder_info
 from brainalign.images._registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from brainalign.images.dreamsim_models import _patched_loading, build_dreamsim

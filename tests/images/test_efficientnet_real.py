@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
+
 from brainalign._io import sha256_file
 from brainalign.data.contract import write_catalog
 from brainalign.images import embed_catalog
 from brainalign.images.efficientnet import wheel_weights_path
-from PIL import Image, ImageOps
 
 from .conftest import sample_dir
 

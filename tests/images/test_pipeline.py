@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign._io import sha256_file
 from brainalign.data.contract import list_tables, read_catalog, read_embedding_table

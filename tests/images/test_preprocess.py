@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from brainalign.images import image_encoder_info
 from brainalign.images.pipeline import decode_batch, to_model_input
-from PIL import Image
 
 
 @pytest.fixture
@@ -76,9 +77,10 @@ def test_timm_eval_transform(table_id: str, name: str, odd_image: Path) -> None:
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_dreamsim_preprocess(tiny_weights: Path, odd_image: Path) -> None:
     """The real dreamsim() preprocess (squash to 224, [0,1], no Normalize) == ours."""
+    from dreamsim import dreamsim
+
     from brainalign.images.dreamsim_models import _patched_loading
     from brainalign.images.weights import offline_loading
-    from dreamsim import dreamsim
 
     spec, _ = image_encoder_info("tiny-dreamsim_clip_vitb32:none")
     with offline_loading(), _patched_loading(spec.options["loaders"]):

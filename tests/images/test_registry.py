@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import table_filename
 from brainalign.images import (

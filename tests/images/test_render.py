@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import read_catalog, write_catalog
 from brainalign.images import render_images
 from brainalign.images.render import render_image
-from PIL import Image
 
 
 def fake_sim_root(root: Path, n: int = 8, drop: int = 0) -> Path:

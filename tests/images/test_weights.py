@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.images import MissingWeightsError, resolve_encoders, weights_root
 from brainalign.images.weights import hash_weight_files, offline_loading, resolve_weight_files
@@ -133,6 +134,7 @@ def test_weight_hashes_are_sha256_and_memoized(tmp_path: Path) -> None:
 
 def test_glocal_transform_errors(tmp_path: Path) -> None:
     import numpy as np
+
     from brainalign.images.glocal import load_glocal_transform
 
     bad = tmp_path / "t.npz"
@@ -150,6 +152,7 @@ def test_glocal_transform_errors(tmp_path: Path) -> None:
 def test_glocal_transform_matches_thingsvision_formula(tmp_path: Path) -> None:
     import numpy as np
     import torch
+
     from brainalign.images.glocal import load_glocal_transform
 
     rng = np.random.default_rng(0)

@@ -48,14 +48,9 @@ def weights_root(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The weights directory: ``explicit`` if given, else ``$BRAINALIGN_WEIGHTS``, else None."""
     from .. import paths
 
-    getter = getattr(paths, "weights_dir", None)
     if explicit:
         return paths.resolve(explicit)
-    if getter is not None:
-        value = getter()
-        return Path(value) if value else None
-    env = os.environ.get("BRAINALIGN_WEIGHTS")  # declared in paths.KNOWN_ENV
-    return paths.resolve(env) if env else None
+    return paths.weights_dir()
 
 
 def _find(root: Path | None, wf: WeightFile) -> Path | None:
