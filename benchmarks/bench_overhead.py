@@ -40,6 +40,7 @@ import torch
 
 # benchmarks/ is sys.path[0] when this file runs as a script, and Ray adds it to its workers
 from _common import EquivalenceError, Options, Result, make_result, median, spread
+
 from brainalign.config import DataConfig, TrainConfig
 from brainalign.train.loop import build_run, evaluate, train_one_epoch
 
@@ -244,19 +245,14 @@ def start_ray() -> None:
 
     import ray
     import ray.data
+
     from brainalign.train.runner import ensure_ray
 
     # a loaded 2-core box starts Train workers slowly (the default limit is 60 s)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
-    for attempt in range(3):
-        try:
-            ensure_ray()
-            break
-        except Exception as e:  # noqa: BLE001 - Ray's node start-up wait is a fixed 30 s
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
-            time.sleep(15)
+    # Ray waits a fixed 30 s for its raylet; on a loaded box that can fail: run_all.py then
+    # retries the whole benchmark in a fresh process (a failed start leaves processes behind)
+    ensure_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

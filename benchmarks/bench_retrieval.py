@@ -43,6 +43,7 @@ from _common import (
     median,
     rss_bytes,
 )
+
 from brainalign.losses import center_normalize
 from brainalign.metrics import retrieval_ranks, similarity, topk_accuracy
 

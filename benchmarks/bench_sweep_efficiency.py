@@ -31,6 +31,7 @@ import torch
 # benchmarks/ is sys.path[0] when this file runs as a script
 from _common import EquivalenceError, Options, Result, make_result, median, stopwatch
 from bench_overhead import load_tensors
+
 from brainalign.config import DataConfig, TrainConfig
 from brainalign.data.contract import open_dataset
 from brainalign.data.prepare import catalog_embeddings, load_table_for, prepare

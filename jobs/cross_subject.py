@@ -316,21 +316,15 @@ class Paired:
     t: float
     p_t: float
     p_wilcoxon: float
-
-
-def _mean_sem(x: Sequence[float]) -> tuple[float, float]:
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(x) / n
-    if n < 2:
-        return m, math.nan
-    var = sum((v - m) ** 2 for v in x) / (n - 1)
-    return m, math.sqrt(var / n)
+    notes: tuple[str, ...] = ()
 
 
 def paired_stats(a: Sequence[float], b: Sequence[float]) -> Paired:
     """Mean +- s.e.m. of ``a``, ``b`` and ``a - b``; two-sided paired t-test and Wilcoxon.
+
+    The statistics are the sweep report's (:func:`brainalign.sweep.report.mean_sem`,
+    :func:`brainalign.sweep.report.paired_tests`), so a cross-subject table and a sweep's
+    Table 1 compute their numbers the same way.
 
     Parameters
     ----------
@@ -340,28 +334,21 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> Paired:
     Returns
     -------
     Paired
-        Tests are ``nan`` when undefined: fewer than 2 pairs, all differences equal (t-test),
-        or all differences zero (Wilcoxon).
-    """
-    from scipy import stats
+        Tests are ``nan`` when undefined (fewer than 2 pairs, all differences zero, or equal
+        differences for the t-test), with the reason in ``notes``.
 
-    if len(a) != len(b):
-        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    Raises
+    ------
+    ValueError
+        ``a`` and ``b`` differ in length.
+    """
+    from brainalign.sweep.report import mean_sem, paired_tests
+
+    ttest, wilcoxon = paired_tests(a, b)
     d = [x - y for x, y in zip(a, b, strict=True)]
-    (ma, sa), (mb, sb), (md, sd) = _mean_sem(a), _mean_sem(b), _mean_sem(d)
-    t = p_t = p_w = math.nan
-    # Equal differences (up to float noise, e.g. 0.30-0.25 vs 0.25-0.20) have no variance:
-    # the t statistic would be rounding error divided by ~0, so the test is undefined.
-    constant = len(d) >= 1 and max(d) - min(d) <= 1e-9
-    if len(d) >= 2 and not constant:
-        r = stats.ttest_rel(a, b)
-        t, p_t = float(r.statistic), float(r.pvalue)
-    if len(d) >= 2 and any(abs(x) > 1e-12 for x in d):
-        try:
-            p_w = float(stats.wilcoxon(a, b).pvalue)
-        except ValueError:
-            p_w = math.nan
-    return Paired(len(d), ma, sa, mb, sb, md, sd, t, p_t, p_w)
+    (ma, sa), (mb, sb), (md, sd) = mean_sem(a), mean_sem(b), mean_sem(d)
+    notes = tuple(dict.fromkeys(x.note for x in (ttest, wilcoxon) if x.note))
+    return Paired(len(d), ma, sa, mb, sb, md, sd, ttest.statistic, ttest.p, wilcoxon.p, notes)
 
 
 # --------------------------------------------------------------------------- report
@@ -457,9 +444,9 @@ def build_report(study: Study, rows: Sequence[RunRow], *, partial: bool = False)
                "",
                f"Paired t-test across subjects (two-sided, df={max(s1.n - 1, 0)}): top-1 t={_p(s1.t)}, "
                f"p={_p(s1.p_t)}; top-5 t={_p(s5.t)}, p={_p(s5.p_t)}. Wilcoxon signed-rank: top-1 "
-               f"p={_p(s1.p_wilcoxon)}, top-5 p={_p(s5.p_wilcoxon)}."
-               + (" (n/a: fewer than 2 subjects, or identical differences.)"
-                  if math.isnan(s1.p_t) or math.isnan(s5.p_t) else ""), ""]
+               f"p={_p(s1.p_wilcoxon)}, top-5 p={_p(s5.p_wilcoxon)}.", ""]
+        md += [f"- top-{k[-1]}: {note}." for k, s in (("top1", s1), ("top5", s5)) for note in s.notes]
+        md += [""] if s1.notes or s5.notes else []
         for k, s in (("top1", s1), ("top5", s5)):
             metrics |= {f"{prefix}xs_{k}_aligned_mean": s.mean_a, f"{prefix}xs_{k}_aligned_sem": s.sem_a,
                         f"{prefix}xs_{k}_base_mean": s.mean_b, f"{prefix}xs_{k}_base_sem": s.sem_b,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from brainalign.config import TrainConfig
 from brainalign.encoders import create_encoder, encoder_info, list_encoders
 

@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
 from brainalign._checks import BrainalignError
 from brainalign.encoders import (
     REFERENCE_SHAPES,
@@ -23,9 +27,6 @@ from brainalign.encoders import (
     encoder_info,
     list_encoders,
 )
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 EMBED = 16
 BATCH = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from brainalign.cli import encoders as cli_encoders
 from brainalign.encoders import list_encoders
 

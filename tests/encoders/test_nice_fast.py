@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+
 from brainalign.encoders import create_encoder
 from brainalign.encoders.nice import NICE
 

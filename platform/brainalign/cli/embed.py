@@ -140,7 +140,7 @@ def _connect_ray() -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
 def _embed(args: argparse.Namespace) -> int:

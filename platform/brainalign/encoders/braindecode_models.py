@@ -44,7 +44,10 @@ _QUIET = (
 
 def _braindecode_models() -> Any:
     try:
-        import braindecode.models as models
+        with warnings.catch_warnings():
+            # braindecode's own modules trip MNE deprecation warnings at import (montage names).
+            warnings.simplefilter("ignore", FutureWarning)
+            import braindecode.models as models
     except ImportError as e:  # pragma: no cover - braindecode is a pinned dependency
         raise BrainalignError(
             "The braindecode encoders need braindecode==1.8.1 (pip install braindecode==1.8.1)."

@@ -321,7 +321,7 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
 def _bad_image_error(bad: Sequence[Mapping[str, str]], what: str) -> BrainalignError:

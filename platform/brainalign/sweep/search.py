@@ -317,8 +317,10 @@ def run_search(
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
         searcher = OptunaSearch(space=DefineByRun(space.params), metric=space.metric, mode=space.mode, seed=seed)
+        # stop_last_trials=False: a trial that reaches max_t ends on its own (its Train run
+        # finishes, ends its MLflow run and frees its placement group) instead of being killed
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace_period,
-                                  reduction_factor=reduction_factor)
+                                  reduction_factor=reduction_factor, stop_last_trials=False)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

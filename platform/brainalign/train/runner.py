@@ -60,6 +60,7 @@ def ensure_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
         return
     ray.init(
+        address="local",  # a new local instance, never a stray cluster registered in /tmp/ray
         num_cpus=max(4, os.cpu_count() or 1),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
