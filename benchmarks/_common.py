@@ -74,14 +74,20 @@ class Result:
 
     @staticmethod
     def judge(ratio: float, goal: str) -> bool | None:
-        if not goal:
+        """``">= 2.5"`` / ``"<= 1.15"`` judged on the ratio; any other goal text: None (judge it yourself)."""
+        parts = goal.split()
+        if len(parts) != 2 or parts[0] not in (">=", "<="):
             return None
-        op, value = goal.split()
-        return ratio >= float(value) if op == ">=" else ratio <= float(value)
+        try:
+            value = float(parts[1])
+        except ValueError:
+            return None
+        return ratio >= value if parts[0] == ">=" else ratio <= value
 
 
 def make_result(**kw: Any) -> Result:
-    kw.setdefault("met", Result.judge(kw["ratio"], kw.get("goal", "")))
+    if "met" not in kw:
+        kw["met"] = Result.judge(kw["ratio"], kw.get("goal", ""))
     return Result(**kw)
 
 

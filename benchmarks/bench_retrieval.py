@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +157,102 @@ def measure(n_gallery: int, rounds: int, out_json: Path) -> None:
     out_json.write_text(json.dumps(res))
 
 
+def summarize(n_wanted: int, r: dict[str, Any]) -> list[Result]:
+    """Rows of the table for one gallery size from a ``measure`` record (raises on a rank mismatch)."""
+    n = int(r["n_gallery"])
+    results: list[Result] = []
+    bad = {k: v for k, v in r["mismatch"].items() if v}
+    if bad or not r["topk_accuracy_matches"]:
+        raise EquivalenceError(
+            f"gallery {n}: ranks differ from the naive full sort for {bad} queries "
+            f"(topk_accuracy matches: {r['topk_accuracy_matches']})"
+        )
+    t_ours, t_naive, t_chunk = (median(r["times"][k]) for k in ("brainalign", "naive", "gallery-chunked"))
+    gb = r["gallery_bytes"]
+    raw = {
+        "time_s": {k: [round(x, 3) for x in v] for k, v in r["times"].items()},
+        "peak_extra_MiB": {
+            k: round(r[f"{k}_peak_extra_bytes"] / 2**20) for k in ("brainalign", "naive", "gallery-chunked")
+        },
+        "gallery_MiB": round(gb / 2**20),
+        "memory_method": r["memory_method"],
+        "topk": r["topk"]["naive"],
+        "gemm_gflops_measured": round(r["gemm_gflops"], 1),
+        "gemm_floor_s": round(r["flop_total"] / (r["gemm_gflops"] * 1e9), 3),
+        "torch_threads": r["torch_threads"],
+        "gallery_chunked_speedup_vs_brainalign": round(t_ours / t_chunk, 2),
+    }
+    big = n_wanted >= 1_000_000
+    scale = n_wanted / n  # time and memory grow linearly in the gallery size
+    time_goal = "< 1 s (absolute, 1M)" if big else ""
+    if scale > 1:
+        raw["measured_gallery"] = n
+        raw["extrapolated_to"] = n_wanted
+        raw["brainalign_time_extrapolated_s"] = round(t_ours * scale, 2)
+    results.append(
+        make_result(
+            bench="retrieval",
+            case=f"time, {N_QUERIES} q x {n:,} x {DIM}",
+            metric="seconds per top-k evaluation",
+            ours=t_ours,
+            baseline=t_naive,
+            unit="s",
+            ratio=t_naive / t_ours,
+            ratio_def="naive sort time / brainalign time",
+            goal=time_goal,
+            met=(t_ours * scale < 1.0) if big else None,
+            raw=raw,
+            notes=f"ranks identical to the full sort for all {N_QUERIES} queries; gallery-chunked candidate "
+            f"{t_chunk:.3g} s"
+            + (
+                f"; MEASURED AT {n:,} (memory available on the shared box), goal judged on "
+                f"the linear extrapolation {t_ours * scale:.3g} s"
+                if scale > 1
+                else ""
+            ),
+        )
+    )
+    res_t = results[-1]
+    if res_t.met is False:
+        res_t.bound = (
+            f"float32 GEMM FLOPs: 2*Q*G*D = {2 * N_QUERIES * n_wanted * DIM / 1e9:.0f} GFLOP at 1M; one "
+            f"(200 x 768) x (768 x 65,536) matmul ran at {r['gemm_gflops']:.1f} GFLOP/s here, a floor of "
+            f"{raw['gemm_floor_s'] * scale:.2f} s at 1M, and brainalign took {t_ours * scale:.2f} s "
+            f"({t_ours / raw['gemm_floor_s']:.2f}x the floor). < 1 s needs >= 307 GFLOP/s sustained: not "
+            "reachable on 2 AVX2 cores even unloaded (~100-150 GFLOP/s peak); on one GPU it is milliseconds. "
+            "The exact alternatives (gallery-chunked) only remove the normalized-gallery copies, "
+            f"{t_ours / t_chunk:.2f}x here"
+        )
+    extra_ours = r["brainalign_peak_extra_bytes"]
+    extra_naive = r["naive_peak_extra_bytes"]
+    results.append(
+        make_result(
+            bench="retrieval",
+            case=f"peak extra memory, {n:,} gallery",
+            metric="peak RSS above the held gallery",
+            ours=extra_ours / 2**20,
+            baseline=extra_naive / 2**20,
+            unit="MiB",
+            ratio=extra_ours / gb,
+            ratio_def="brainalign extra / gallery size",
+            goal="<= 1.0" if big else "",
+            raw={
+                "gallery_chunked_extra_MiB": round(r["gallery-chunked_peak_extra_bytes"] / 2**20),
+                "naive_extra_over_gallery": round(extra_naive / gb, 2),
+            },
+            notes="goal read as: extra memory no more than the gallery itself",
+        )
+    )
+    if results[-1].met is False:
+        results[-1].bound = (
+            "metrics.retrieval_ranks normalizes the whole gallery: center_normalize(gallery) allocates "
+            "z - mean (1 gallery) and then z / ||z|| (1 more), before the (Q, G) score matrix and two (Q, G) "
+            f"boolean masks; the gallery-chunked method peaks at {r['gallery-chunked_peak_extra_bytes'] / gb:.2f}x "
+            "the gallery with the same ranks"
+        )
+    return results
+
+
 def run(opts: Options) -> list[Result]:
     quick, workdir = opts.quick, opts.workdir
     sizes = (16_740, 100_000) if quick else (16_740, 1_000_000)
@@ -177,104 +272,14 @@ def run(opts: Options) -> list[Result]:
         )
         if n < n_wanted:
             print(f"retrieval: only {avail / 2**30:.1f} GiB available: gallery {n:,} instead of {n_wanted:,}")
-        with tempfile.TemporaryDirectory(dir=workdir) as d:
-            out = Path(d) / "r.json"
-            subprocess.run(
-                [sys.executable, __file__, "_measure", str(n), str(rounds), str(out)],
-                check=True,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
-            )
-            r = json.loads(out.read_text())
-        bad = {k: v for k, v in r["mismatch"].items() if v}
-        if bad or not r["topk_accuracy_matches"]:
-            raise EquivalenceError(
-                f"gallery {n}: ranks differ from the naive full sort for {bad} queries "
-                f"(topk_accuracy matches: {r['topk_accuracy_matches']})"
-            )
-        t_ours, t_naive, t_chunk = (median(r["times"][k]) for k in ("brainalign", "naive", "gallery-chunked"))
-        gb = r["gallery_bytes"]
-        raw = {
-            "time_s": {k: [round(x, 3) for x in v] for k, v in r["times"].items()},
-            "peak_extra_MiB": {
-                k: round(r[f"{k}_peak_extra_bytes"] / 2**20)
-                for k in ("brainalign", "naive", "gallery-chunked")
-            },
-            "gallery_MiB": round(gb / 2**20),
-            "memory_method": r["memory_method"],
-            "topk": r["topk"]["naive"],
-            "gemm_gflops_measured": round(r["gemm_gflops"], 1),
-            "gemm_floor_s": round(r["flop_total"] / (r["gemm_gflops"] * 1e9), 3),
-            "torch_threads": r["torch_threads"],
-            "gallery_chunked_speedup_vs_brainalign": round(t_ours / t_chunk, 2),
-        }
-        big = n_wanted >= 1_000_000
-        scale = n_wanted / n  # time and memory grow linearly in the gallery size
-        time_goal = "< 1 s (absolute, 1M)" if big else ""
-        if scale > 1:
-            raw["measured_gallery"] = n
-            raw["extrapolated_to"] = n_wanted
-            raw["brainalign_time_extrapolated_s"] = round(t_ours * scale, 2)
-        results.append(
-            make_result(
-                bench="retrieval",
-                case=f"time, {N_QUERIES} q x {n:,} x {DIM}",
-                metric="seconds per top-k evaluation",
-                ours=t_ours,
-                baseline=t_naive,
-                unit="s",
-                ratio=t_naive / t_ours,
-                ratio_def="naive sort time / brainalign time",
-                goal=time_goal,
-                met=(t_ours * scale < 1.0) if big else None,
-                raw=raw,
-                notes=f"ranks identical to the full sort for all {N_QUERIES} queries; gallery-chunked candidate "
-                f"{t_chunk:.3g} s"
-                + (
-                    f"; MEASURED AT {n:,} (memory available on the shared box), goal judged on "
-                    f"the linear extrapolation {t_ours * scale:.3g} s"
-                    if scale > 1
-                    else ""
-                ),
-            )
+        # the raw record stays in the work dir (the measurement at 1M takes many minutes)
+        out = workdir / f"retrieval-measure-{n}.json"
+        subprocess.run(
+            [sys.executable, __file__, "_measure", str(n), str(rounds), str(out)],
+            check=True,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
         )
-        res_t = results[-1]
-        if res_t.met is False:
-            res_t.bound = (
-                f"float32 GEMM FLOPs: 2*Q*G*D = {2 * N_QUERIES * n_wanted * DIM / 1e9:.0f} GFLOP at 1M; one "
-                f"(200 x 768) x (768 x 65,536) matmul ran at {r['gemm_gflops']:.1f} GFLOP/s here, a floor of "
-                f"{raw['gemm_floor_s'] * scale:.2f} s at 1M, and brainalign took {t_ours * scale:.2f} s "
-                f"({t_ours / raw['gemm_floor_s']:.2f}x the floor). < 1 s needs >= 307 GFLOP/s sustained: not "
-                "reachable on 2 AVX2 cores even unloaded (~100-150 GFLOP/s peak); on one GPU it is milliseconds. "
-                "The exact alternatives (gallery-chunked) only remove the normalized-gallery copies, "
-                f"{t_ours / t_chunk:.2f}x here"
-            )
-        extra_ours = r["brainalign_peak_extra_bytes"]
-        extra_naive = r["naive_peak_extra_bytes"]
-        results.append(
-            make_result(
-                bench="retrieval",
-                case=f"peak extra memory, {n:,} gallery",
-                metric="peak RSS above the held gallery",
-                ours=extra_ours / 2**20,
-                baseline=extra_naive / 2**20,
-                unit="MiB",
-                ratio=extra_ours / gb,
-                ratio_def="brainalign extra / gallery size",
-                goal="<= 1.0" if big else "",
-                raw={
-                    "gallery_chunked_extra_MiB": round(r["gallery-chunked_peak_extra_bytes"] / 2**20),
-                    "naive_extra_over_gallery": round(extra_naive / gb, 2),
-                },
-                notes="goal read as: extra memory no more than the gallery itself",
-            )
-        )
-        if results[-1].met is False:
-            results[-1].bound = (
-                "metrics.retrieval_ranks normalizes the whole gallery: center_normalize(gallery) allocates "
-                "z - mean (1 gallery) and then z / ||z|| (1 more), before the (Q, G) score matrix and two (Q, G) "
-                f"boolean masks; the gallery-chunked method peaks at {r['gallery-chunked_peak_extra_bytes'] / gb:.2f}x "
-                "the gallery with the same ranks"
-            )
+        results += summarize(n_wanted, json.loads(out.read_text()))
     return results
 
 

@@ -151,6 +151,24 @@ def _run_search(study: Study, arm: Arm, state: _state.StudyState, uri: str, max_
     log.info("search %s: best %s = %.4f with %s", arm.name, space.metric, outcome.best_value, outcome.best_config)
 
 
+def _prepare(study: Study, runs: list[tuple[str, int]]) -> None:
+    """Prepare (cache) the training data of each (subject, seed) once, here in the driver.
+
+    Concurrent trials would otherwise prepare the same cache entry at the same time (every
+    search trial uses the same subject and seed); the cache key does not depend on the
+    image table, so one entry serves both arms.
+    """
+    from ..config import TrainConfig
+    from ..data.prepare import prepare
+
+    arm = study.arms()[0]
+    for subject, seed in dict.fromkeys(runs):
+        t0 = time.perf_counter()
+        prepared = prepare(TrainConfig.from_flat(study.base_flat(arm, subject, seed)))
+        log.info("training data of sub-%s (seed %d): %s (%.1f s)", subject, seed, prepared.root,
+                 time.perf_counter() - t0)
+
+
 def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent: int, verbose: int) -> None:
     from .search import run_finals_tune
 
@@ -175,6 +193,7 @@ def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent
         return
     log.info("finals: %d of %d to run (%d at a time)", sum(s.key not in state.finals for s in specs), len(specs),
              max_concurrent)
+    _prepare(study, [(s.subject, s.seed) for s in specs if s.key not in state.finals])
     outcome = run_finals_tune(
         name="finals", storage=study_storage(study), finals={s.key: s.job() for s in specs},
         state_path=state.path, resources=study.resources, max_concurrent=max_concurrent, verbose=verbose,
@@ -281,6 +300,8 @@ def run_study(study: Study, *, mode: str = "auto", verbose: int = 1) -> StudyOut
         if not state.report_logged:
             _state.set_status(state.parent_run_id, "RUNNING", uri)
     try:
+        if not all(state.searches.get(a.name, {}).get("done") for a in study.arms()):
+            _prepare(study, [(study.search_subject, study.seed)])
         for arm in study.arms():
             if state.searches.get(arm.name, {}).get("done"):
                 log.info("search %s already done", arm.name)
