@@ -347,6 +347,7 @@ def bench_main(name: str, run: Callable[[Options], list[Result]], argv: Sequence
     wd = args.workdir or workdir()
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load_start = [round(x, 1) for x in os.getloadavg()]
     status, error = "ok", ""
     results: list[Result] = []
     try:
@@ -369,6 +370,7 @@ def bench_main(name: str, run: Callable[[Options], list[Result]], argv: Sequence
             "fraction": args.fraction,
             "argv": list(sys.argv[1:] if argv is None else argv),
             "elapsed_s": round(elapsed, 1),
+            "load_avg_start_end": [load_start, [round(x, 1) for x in os.getloadavg()]],
             "results": [dataclasses.asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=1, default=str))

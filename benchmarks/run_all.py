@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DOC = REPO / "docs" / "benchmarks.md"
 MARK = "<!-- bench-results-json"
+MACHINE_MARK = "<!-- bench-machine-json"
 
 BENCHES: dict[str, str | None] = {
     "step": "bench_step.py",
@@ -170,7 +171,8 @@ def render(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], command
         "compute different results, never on speed.",
         "",
         f"- **Reproduce:** `{command}` (`make bench` runs `.venv/bin/python benchmarks/run_all.py`; one benchmark: "
-        "`--only NAME`; smoke sizes: `--quick`; overhead/memory at a share of full size: `--fraction F`).",
+        "`--only NAME`, whose section below names its exact command; smoke sizes: `--quick`; overhead/memory at a "
+        "share of full size: `--fraction F`).",
         f"- **Generated:** {now}.",
         f"- **Machine:** {m['cpu']} ({m['simd']}), {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
         f"{m['ram_gib']} GiB RAM ({m['ram_available_gib']} GiB available at start), load average at start "
@@ -191,6 +193,8 @@ def render(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], command
                 lines += ["Not run.", ""]
             continue
         flags = [f"measured {p.get('measured_at', '?')}", f"{p.get('elapsed_s', '?')} s"]
+        if p.get("load_avg_start_end"):
+            flags.append(f"load average {p['load_avg_start_end'][0]} at start, {p['load_avg_start_end'][1]} at end")
         if p.get("quick"):
             flags.append("QUICK (smoke) sizes")
         if p.get("fraction") is not None:
@@ -220,7 +224,15 @@ def render(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], command
                 lines.append("- Raw figures:")
                 lines += [f"  - `{k}`: {json.dumps(v, default=str)}" for k, v in r.raw.items()]
             lines.append("")
-    lines += [f"{MARK}", json.dumps(payloads, default=str), "-->", ""]
+    lines += [
+        f"{MARK}",
+        json.dumps(payloads, default=str),
+        "-->",
+        MACHINE_MARK,
+        json.dumps(machine),
+        "-->",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -240,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes; prints the table, writes no document")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--render-only", action="store_true", help="rewrite the document from its stored results")
     p.add_argument("--fraction", type=float, help="overhead/memory at this share of the full data size")
     p.add_argument(
         "--workdir", type=Path, help="where inputs are generated (default: $BRAINALIGN_CACHE/bench)"
@@ -252,6 +265,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(selected) - set(BENCHES))
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    if args.render_only:  # e.g. after a change to this renderer; measures nothing
+        out = args.out or DOC
+        old = _previous()
+        if not old:
+            p.error(f"{DOC} holds no stored results")
+        text = DOC.read_text()
+        machine = (
+            json.loads(text.split(MACHINE_MARK, 1)[1].split("-->", 1)[0]) if MACHINE_MARK in text else {}
+        )
+        command = (
+            text.split("- **Reproduce:** `", 1)[1].split("`", 1)[0]
+            if "**Reproduce:**" in text
+            else "make bench"
+        )
+        write_atomic(out, render(old, machine or machine_info(), command))
+        print(f"re-rendered {out}")
+        return 0
     machine = machine_info()
     payloads: dict[str, dict[str, Any]] = {}
     for name in selected:

@@ -18,7 +18,7 @@
 #   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S  head's drain on SIGTERM (cluster-down); 5
 #   CLUSTER_NO_MLFLOW=1    start only Ray
 #   CLUSTER_START_TIMEOUT  seconds to wait for each service to answer; 300
-#   CLUSTER_START_ATTEMPTS tries of `ray start` when its raylet times out (busy machine); 3
+#   CLUSTER_START_ATTEMPTS tries of `ray start` when its raylet times out (busy machine); 5
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -206,7 +206,7 @@ start_ray() {
 # Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded machine that
 # can fail ("The current node timed out during startup"). The dashboard answers before that
 # check, so readiness is "Ray runtime started" in the log AND the job API answering.
-attempts="${CLUSTER_START_ATTEMPTS:-3}"
+attempts="${CLUSTER_START_ATTEMPTS:-5}"
 for ((attempt = 1; ; attempt++)); do
     start_ray
     rc=0
@@ -216,7 +216,7 @@ for ((attempt = 1; ; attempt++)); do
         echo "cluster-up: Ray head start timed out (busy machine?); retry $((attempt + 1))/$attempts" >&2
         kill -KILL -- "-$RAY_PID" 2>/dev/null || true
         cp "$STATE_DIR/ray.log" "$STATE_DIR/ray.attempt$attempt.log"
-        sleep 2
+        sleep $((5 * attempt))  # back off: the machine is busy
         continue
     fi
     tail -n 30 "$STATE_DIR/ray.log" >&2
