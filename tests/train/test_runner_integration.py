@@ -19,17 +19,30 @@ def _cfg(root: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**(base | kw))  # type: ignore[arg-type]
 
 
-def test_two_epoch_run_lands_in_mlflow(ray_session: object, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def clear_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with a quarter of its noise: 120 training images are enough to learn
+    from (at the tiny preset's own noise level NICE needs far more images than that)."""
+    from brainalign.data.simulate import simulate_dataset
+
+    out = tmp_path_factory.mktemp("clear") / "sim-tiny-clear"
+    return simulate_dataset(out, preset="tiny", seed=0, overrides={"noise_pink": 0.5, "noise_white": 0.25},
+                            progress=False)
+
+
+def test_run_learns_and_lands_in_mlflow(ray_session: object, clear_dataset: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from brainalign import paths
     from brainalign.train.runner import run_training
 
-    res = run_training(_cfg(tiny_dataset))
+    tiny_dataset = clear_dataset
+    res = run_training(_cfg(tiny_dataset, epochs=30))
     n_way = int(res.test["test_n_way"])
     assert n_way == 20
-    # above chance after 2 epochs on 120 training images: top-5 (chance 5/20) and the mean rank
-    assert res.test["test_top5"] > 1.3 * 5 / n_way
+    # well above chance (1/20 top-1) on held-out test images: in-process runs of this recipe
+    # give 0.55-0.65 over seeds
+    assert res.test["test_top1"] > 3 / n_way
     client = MlflowClient(paths.mlflow_tracking_uri())
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
@@ -43,7 +56,7 @@ def test_two_epoch_run_lands_in_mlflow(ray_session: object, tiny_dataset: Path, 
     assert run.data.params["lr"] == "0.001" and run.data.params["data.subjects"] == "01"
     for m in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "temperature"):
         hist = client.get_metric_history(res.run_id, m)
-        assert [h.step for h in hist] == [0, 1], m
+        assert [h.step for h in hist] == list(range(30)), m
     assert run.data.metrics["test_top1"] == pytest.approx(res.test["test_top1"])
     arts = {a.path for a in client.list_artifacts(res.run_id)}
     assert {"checkpoint", "config", "retrieval"} <= arts
@@ -79,12 +92,16 @@ def test_bad_inputs_fail_before_any_compute(tiny_dataset: Path, tmp_path: Path) 
     assert not (tmp_path / "cache").exists()
 
 
-def test_same_seed_same_metrics_through_ray(ray_session: object, tiny_dataset: Path) -> None:
+def test_same_seed_same_metrics_through_ray(
+    ray_session: object, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from brainalign import paths
     from brainalign.train.runner import run_training
 
+    # the streaming path (the small-data in-memory path is the other test's)
+    monkeypatch.setenv("BRAINALIGN_INLINE_MB", "0")
     cfg = _cfg(tiny_dataset, epochs=2, seed=11)
     a = run_training(cfg, evaluate_test=False, save_checkpoint=False)
     b = run_training(cfg, evaluate_test=False, save_checkpoint=False)

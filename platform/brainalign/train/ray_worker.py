@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,17 @@ def _collect(shard: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ii.append(b["image_index"])
         ss.append(b["subject_index"])
     return torch.cat(xs), torch.cat(ii), torch.cat(ss)
+
+
+def _shuffled_batches(
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_size: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Full batches of a seeded permutation (drop_last: batch composition is the negatives)."""
+    x, ii, ss = data
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start : start + batch_size]
+        yield {"epoch": x[idx], "image_index": ii[idx], "subject_index": ss[idx]}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -52,13 +64,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     mlflow_run = config.get("mlflow_run_id")
     buffer = max(4 * cfg.batch_size, min(config.get("n_train_rows", 0), 20_000))
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for epoch in range(cfg.epochs):
-        batches = train.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,  # batch composition is the negatives: keep batches full
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=cfg.seed * 10_000 + epoch,
-        )
+        shuffle_seed = cfg.seed * 10_000 + epoch + 1_000_000 * rank
+        if config.get("cache_shard"):
+            # small shard: one pass through Ray Data, then a full in-memory shuffle per epoch
+            # (the streaming path below re-starts a Ray Data executor every epoch: seconds)
+            if cached is None:
+                cached = _collect(train)
+            batches = _shuffled_batches(cached, cfg.batch_size, shuffle_seed)
+        else:
+            batches = train.iter_torch_batches(
+                batch_size=cfg.batch_size,
+                drop_last=True,  # batch composition is the negatives: keep batches full
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=shuffle_seed,
+            )
         metrics = train_one_epoch(run, batches)
         metrics |= evaluate(run, vx, vi, vs)
         stopper.update(run, metrics)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import tracking
+from .._checks import BrainalignError
 from .._io import atomic_file
 from ..config import TrainConfig
 from ..data.contract import open_dataset
@@ -144,6 +145,33 @@ def run_training(
     return result
 
 
+def inline_max_bytes() -> int:
+    """Prepared splits up to this size go to Ray Data as one in-memory Arrow table.
+
+    ``BRAINALIGN_INLINE_MB`` (default 256; 0 = always stream). Reading a small Parquet folder
+    with ``read_parquet`` costs several seconds of task start-up on a busy 2-core machine
+    (listing task, read task, worker processes) for milliseconds of I/O; ``from_arrow`` puts
+    the table into the object store at once. Larger splits are read by parallel tasks.
+    """
+    value = os.environ.get("BRAINALIGN_INLINE_MB", "256")
+    try:
+        mb = float(value)
+    except ValueError:
+        raise BrainalignError(f"BRAINALIGN_INLINE_MB={value!r} is not a number of megabytes (e.g. 256; 0 streams)")
+    return int(mb * 2**20)
+
+
+def _split_dataset(path: Path, nbytes: int) -> Any:
+    """A prepared split (``nbytes`` of float32 epochs) as a Ray Dataset: inline when small,
+    else read by tasks (and materialized once, so later epochs do not re-read Parquet)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    if nbytes <= inline_max_bytes():
+        return ray.data.from_arrow(pq.read_table(path))
+    return ray.data.read_parquet(str(path)).materialize()
+
+
 def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
          callbacks: Sequence[Any], storage_name: str | None, save_checkpoint: bool) -> TrainResult:
     import ray.data
@@ -153,8 +181,14 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
     from .ray_worker import train_loop_per_worker
 
     ensure_ray()
-    train_ds = ray.data.read_parquet(str(prepared.train_dir)).materialize()
-    val_ds = ray.data.read_parquet(str(prepared.val_dir)).materialize()
+    # Train V2's controller collects a worker's report only when it polls (every 2 s by
+    # default) and a worker blocks on its next report until then: short epochs would each
+    # cost 2 s. Ray propagates this variable from here to the controller it starts.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    row_bytes = 4 * prepared.n_chans * prepared.n_times
+    train_bytes = prepared.n_train_rows * row_bytes
+    train_ds = _split_dataset(prepared.train_dir, train_bytes)
+    val_ds = _split_dataset(prepared.val_dir, prepared.n_val_rows * row_bytes)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -166,6 +200,8 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
             "mlflow_run_id": run_id,
             "mlflow_uri": uri,
             "save_checkpoint": save_checkpoint,
+            # each worker keeps its shard in memory after the first pass when it is small
+            "cache_shard": train_bytes <= inline_max_bytes(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
