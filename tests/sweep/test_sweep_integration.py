@@ -184,22 +184,32 @@ def test_resume_after_interruption_adds_no_duplicate_runs(study_run: Any, home: 
     state["searches"][arm.name]["done"] = False
     state["report_logged"] = False
     lost, killed = final_key(arm, "01", 0), final_key(arm, "02", 1)
-    killed_run = state["finals"][killed]["run_id"]
+    killed_run, lost_run = state["finals"][killed]["run_id"], state["finals"][lost]["run_id"]
     del state["finals"][lost], state["finals"][killed]
     state_path.write_text(json.dumps(state))
     search_run = state["searches"][arm.name]["run_id"]
     stale = tracking.start_run("sweep-it", run_name="killed attempt", parent_run_id=search_run,
                                tags={"role": "final", "final_key": killed})
     tracking.log_metrics(stale, {"train_loss": 1.0}, step=0)
+    # a finished final of the same key from an EARLIER sweep of this study (another search run):
+    # it must be neither adopted nor deleted
+    old_search = tracking.start_run("sweep-it", run_name="earlier sweep", tags={"role": "search"})
+    decoy = tracking.start_run("sweep-it", run_name="earlier final", parent_run_id=old_search,
+                               tags={"role": "final", "final_key": lost})
+    tracking.log_metrics(decoy, {"test_top1": 0.99, "test_top5": 1.0}, step=0)
+    tracking.end_run(decoy, "FINISHED")
+    tracking.end_run(old_search, "FINISHED")
 
     outcome = run_study(study, verbose=0)
 
-    after = {r.info.run_id: r for r in _runs(home)}
+    after = {r.info.run_id: r for r in _runs(home) if r.info.run_id not in (decoy, old_search)}
     assert set(after) == before  # the stale attempt is deleted, nothing is re-run
+    assert _client(home).get_run(decoy).info.lifecycle_stage == "active"
     assert outcome.parent_run_id == study_run.outcome.parent_run_id
     new_state = json.loads(state_path.read_text())
     assert new_state["searches"][arm.name]["done"] and new_state["searches"][arm.name]["run_id"] == search_run
-    assert new_state["finals"][killed]["run_id"] == killed_run and lost in new_state["finals"]
+    assert new_state["finals"][killed]["run_id"] == killed_run
+    assert new_state["finals"][lost]["run_id"] == lost_run  # this sweep's run, not the earlier decoy
     assert _client(home).get_run(stale).info.lifecycle_stage == "deleted"
     assert all(r.info.status == "FINISHED" for r in after.values())
     assert outcome.report.markdown == study_run.outcome.report.markdown

@@ -175,9 +175,11 @@ def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent
     specs = plan_finals(study, state.searches)
     todo = [s for s in specs if s.key not in state.finals]
     # a final finished in MLflow whose record was lost (interrupted between the two) is adopted;
-    # attempts cut short are deleted (Tune runs them again)
+    # attempts cut short are deleted (Tune runs them again). Only runs under THIS sweep's
+    # search run count: an earlier sweep of the study (--fresh, or an edited study) left runs
+    # with the same final_key that must not be taken for this one's.
     for s in todo:
-        runs = _state.find_runs(study.name, {"final_key": s.key}, uri)
+        runs = _state.find_runs(study.name, {"final_key": s.key, "mlflow.parentRunId": s.parent_run_id}, uri)
         finished = [r for r in runs if r.info.status == "FINISHED" and "test_top1" in r.data.metrics]
         if finished:
             kept = _state.reconcile_runs(runs, finished[-1].info.run_id, uri)
@@ -198,8 +200,9 @@ def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent
         name="finals", storage=study_storage(study), finals={s.key: s.job() for s in specs},
         state_path=state.path, resources=study.resources, max_concurrent=max_concurrent, verbose=verbose,
     )
+    parents = {s.key: s.parent_run_id for s in specs}
     for key, rec in outcome.results.items():
-        runs = _state.find_runs(study.name, {"final_key": key}, uri)
+        runs = _state.find_runs(study.name, {"final_key": key, "mlflow.parentRunId": parents[key]}, uri)
         _state.reconcile_runs(runs, str(rec["run_id"]), uri)
         state.finals[key] = {k: v for k, v in rec.items()}
     state.save()

@@ -422,7 +422,9 @@ def run_finals_tune(
         tuner = tune.Tuner(
             trainable,
             param_space={"final": tune.grid_search(sorted(finals))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            # finals always run to the end (no scheduler stops them), so a finished final's
+            # process can take the next one: it has torch, Ray Train and MLflow imported already
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
