@@ -9,7 +9,7 @@ The two paths are timed in alternation, step by step, so that load from other pr
 shared machine hits both alike; the reported figure is the median step time.
 
 ``--experiments`` also times the further exact rewrites that were tried (see docs/encoders.md):
-the first stage as one matmul over unfolded windows, a contiguous (not channels-last) layout
+the first stage as the polyphase conv1d (the previous default), a contiguous (not channels-last) layout
 after the fused conv, BN folded into the convolutions for eval-mode inference, and
 ``torch.compile`` of the training step.
 
@@ -38,19 +38,15 @@ SHAPES = ((63, 250), (17, 100))
 
 
 # ---------------------------------------------------------------------------------- variants
-class UnfoldNICE(NICE):
-    """First stage as one matmul over unfolded windows: (B, C, P, L) @ (L, F)."""
+class PolyphaseNICE(NICE):
+    """The fused kernel as a stride-1 conv1d over blocks (the phases as channels): no window copy."""
 
     def _fused_temporal(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.fused_kernel()
-        stride = int(self.tsconv[1].stride[1])  # type: ignore[index]
-        windows = x.unfold(-1, k.shape[1], stride)  # (B, C, P, L), a view
-        y = torch.matmul(windows, k.t()) + self.tsconv[0].bias  # (B, C, P, F)
-        return y.permute(0, 3, 1, 2)  # (B, F, C, P), channels-last memory
+        return self._fused_temporal_polyphase(x)
 
 
 class ContiguousNICE(NICE):
-    """The polyphase conv, but its output copied to the standard contiguous (B, F, C, P) layout."""
+    """The fast path, but its output copied to the standard contiguous (B, F, C, P) layout."""
 
     def _fused_temporal(self, x: torch.Tensor) -> torch.Tensor:
         return super()._fused_temporal(x).contiguous()
@@ -162,7 +158,7 @@ def main() -> None:
         assert diff < 1e-4, f"fast and straightforward NICE disagree by {diff}"
         steps = {"straightforward": make_step(slow, x), "fast": make_step(fast, x)}
         if args.experiments:
-            for name, cls in (("unfold-matmul", UnfoldNICE), ("fast-contiguous", ContiguousNICE)):
+            for name, cls in (("polyphase-conv1d", PolyphaseNICE), ("fast-contiguous", ContiguousNICE)):
                 m = variant(cls, fast, n_chans, n_times)
                 ref = copy.deepcopy(fast)  # same BN running statistics as the variant
                 ref.fast = False
