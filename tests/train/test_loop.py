@@ -83,3 +83,38 @@ def test_early_stopping_keeps_best_weights_by_validation() -> None:
     assert torch.all(stop.state_copy()["weight"] == 1.0)
     assert stop.best_top1 == pytest.approx(0.3)
     assert np.isclose(stop.best, 2.0)
+
+
+# The zoo through the one loop: every registered encoder, small arch kwargs, toy data of its
+# modality's shape (EEG channels x times, fMRI voxels x 1).
+ZOO_ARCH: dict[str, dict[str, object]] = {
+    "nice": {"n_filters": 8},
+    "atms": {"d_model": 80, "n_heads": 2, "d_ff": 32, "n_filters": 8},
+    "eegnet": {},
+    "eegconformer": {"num_layers": 1, "n_filters_time": 8},
+    "shallowfbcspnet": {"n_filters_time": 8, "n_filters_spat": 8},
+    "mlp": {"width": 64, "n_blocks": 2},
+}
+
+
+def test_zoo_table_covers_the_registry() -> None:
+    from brainalign.encoders import list_encoders
+
+    assert set(ZOO_ARCH) == set(list_encoders())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_ARCH))
+def test_every_encoder_trains_through_the_loop(name: str, tmp_path: Path) -> None:
+    from brainalign.encoders import encoder_info
+    from brainalign.testing import write_toy_dataset
+
+    fmri = "fmri" in encoder_info(name).modalities
+    shape = {"n_chans": 64, "n_times": 1} if fmri else {"n_chans": 6, "n_times": 100}
+    root = write_toy_dataset(tmp_path / "toy", subjects=("01",), n_train_concepts=10, n_test=4, noise=0.3,
+                             **shape)  # type: ignore[arg-type]
+    torch.set_num_threads(1)
+    hist, run = _fit(root, 8, encoder=name, arch=dict(ZOO_ARCH[name]))
+    losses = [m["train_loss"] for m in hist]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert 0.0 <= hist[-1]["val_top1"] <= hist[-1]["val_top5"] <= 1.0
+    assert sum(p.numel() for p in run.model.parameters()) > 0

@@ -114,3 +114,20 @@ def test_same_seed_same_metrics_through_ray(
         assert curve(a.run_id, key) == curve(b.run_id, key) and len(curve(a.run_id, key)) == 2, key
     # no test metric exists on runs trained without evaluate_test
     assert not [k for k in client.get_run(a.run_id).data.metrics if k.startswith("test")]
+
+
+def test_a_subject_aware_zoo_encoder_trains_through_ray(ray_session: object, tiny_dataset: Path) -> None:
+    """ATM-S (subject tokens) through the same runner: two training subjects, each tested."""
+    from mlflow.tracking import MlflowClient
+
+    from brainalign import paths
+    from brainalign.train.runner import run_training
+
+    data = DataConfig(path=str(tiny_dataset), subjects=("01", "02"), image_table="sim-clip:simulated")
+    cfg = _cfg(tiny_dataset, data=data, encoder="atms", epochs=2,
+               arch={"d_model": 80, "n_heads": 2, "d_ff": 32, "n_filters": 8})
+    res = run_training(cfg)
+    assert {"test_top1_sub-01", "test_top1_sub-02"} <= set(res.test)
+    run = MlflowClient(paths.mlflow_tracking_uri()).get_run(res.run_id)
+    assert run.data.tags["brain_encoder"] == "atms" and run.data.params["arch.d_model"] == "80"
+    assert run.data.metrics["train_loss"] > 0 and res.best_epoch in (0, 1)
