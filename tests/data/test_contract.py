@@ -163,6 +163,38 @@ def test_validate_reports_wrong_shape(toy: Path) -> None:
     assert "epoch tensor is float(17, 50), expected float32(17, 100)" in _problems(toy, check_hashes=False)
 
 
+def _float64(t: pa.Table) -> pa.Table:
+    x = t.column("epoch").combine_chunks().to_numpy_ndarray().astype(np.float64)
+    return t.set_column(3, "epoch", pa.FixedShapeTensorArray.from_numpy_ndarray(x))
+
+
+def _flat_list(t: pa.Table) -> pa.Table:
+    x = t.column("epoch").combine_chunks().to_numpy_ndarray()
+    return t.set_column(3, "epoch", pa.array(list(x.reshape(len(x), -1)), pa.list_(pa.float32())))
+
+
+def _wrong_concept(t: pa.Table) -> pa.Table:
+    concepts = t.column("concept").to_pylist()
+    concepts[0] = "not-its-concept"
+    return t.set_column(1, "concept", pa.array(concepts))
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (_float64, "epoch tensor is double(17, 100), expected float32(17, 100)"),
+        (_flat_list, "expected fixed_shape_tensor<float>(17, 100)"),
+        (lambda t: t.drop_columns(["repetition"]), "missing columns ['repetition']"),
+        (_wrong_concept, "1 row(s) name a concept other than the catalog's"),
+    ],
+    ids=["float64", "plain-list", "missing-column", "wrong-concept"],
+)
+def test_validate_reports_bad_epoch_columns(toy: Path, fn: object, message: str) -> None:
+    f = next((toy / "epochs").rglob("split=train/part-00000.parquet"))
+    _rewrite_epochs(f, fn)
+    assert message in _problems(toy, check_hashes=False)
+
+
 def test_validate_reports_test_concept_in_training(toy: Path) -> None:
     cat = pq.read_table(toy / "images.parquet")
     concepts = cat.column("concept").to_pylist()

@@ -87,9 +87,44 @@ def test_bad_inputs_fail_before_any_compute(tiny_dataset: Path, tmp_path: Path) 
                                                          image_table="sim-clip:simulated")))
     with pytest.raises(BrainalignError, match="Did you mean 'sim-clip:simulated'"):
         run_training(_cfg(tiny_dataset, data=DataConfig(path=str(tiny_dataset), image_table="sim-clip:simulatd")))
+    # an encoder that cannot take the dataset's epochs (an fMRI MLP on EEG) fails at the check
+    with pytest.raises(BrainalignError, match="cannot take the epochs"):
+        run_training(_cfg(tiny_dataset, encoder="mlp"))
     # nothing was tracked or prepared for these
     assert not (tmp_path / "mlruns").exists()
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "prepared").exists()
+
+
+def test_broken_dataset_stops_before_training(tiny_dataset: Path, tmp_path: Path) -> None:
+    """NaN epochs and a test image inside a training file: every problem named, nothing trained."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from brainalign.data.contract import open_dataset
+    from brainalign.train.runner import run_training
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    ds = open_dataset(broken)
+    test_id = ds.image_ids("test")[0]
+    part = sorted(ds.epoch_dir("01", "train").glob("part-*.parquet"))[0]
+    tbl = pq.read_table(part)
+    x = tbl.column("epoch").combine_chunks().to_numpy_ndarray().copy()
+    x[0, 0, 0] = np.nan
+    ids = tbl.column("image_id").to_pylist()
+    ids[1] = test_id
+    tbl = tbl.set_column(tbl.schema.get_field_index("epoch"), "epoch", pa.FixedShapeTensorArray.from_numpy_ndarray(x))
+    tbl = tbl.set_column(tbl.schema.get_field_index("image_id"), "image_id", pa.array(ids))
+    pq.write_table(tbl, part)
+    with pytest.raises(BrainalignError, match="breaks the data contract") as err:
+        run_training(_cfg(broken))
+    msg = str(err.value)
+    assert "NaN or Inf" in msg and "another split" in msg and part.name in msg
+    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "cache" / "prepared").exists()
 
 
 def test_same_seed_same_metrics_through_ray(

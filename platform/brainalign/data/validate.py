@@ -28,7 +28,7 @@ from .contract import (
     read_table_meta,
 )
 
-__all__ = ["Problem", "validate_dataset"]
+__all__ = ["Problem", "require_valid", "validate_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,12 @@ class Problem:
         return f"{self.where}: {self.what}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-def validate_dataset(root: Path | str, *, check_hashes: bool = True) -> list[Problem]:
-    """All problems found in the dataset at ``root`` (empty list = valid)."""
+def validate_dataset(root: Path | str, *, check_hashes: bool = True, check_tables: bool = True) -> list[Problem]:
+    """All problems found in the dataset at ``root`` (empty list = valid).
+
+    ``check_tables=False`` leaves out the dataset's own embedding tables (a run may take its
+    table from another directory and checks that one itself).
+    """
     try:
         ds = open_dataset(root)
     except BrainalignError as e:
@@ -61,8 +65,39 @@ def validate_dataset(root: Path | str, *, check_hashes: bool = True) -> list[Pro
     for subject in ds.meta.subjects:
         for split in SPLITS:
             problems += _check_epochs(ds, subject, split, catalog, used[split])
-    problems += _check_tables(ds, used)
+    if check_tables:
+        problems += _check_tables(ds, used)
     return problems
+
+
+def require_valid(ds: BrainDataset) -> None:
+    """Raise a :class:`BrainalignError` listing every problem of ``ds``, before any training.
+
+    The full check streams every epoch once, so it runs once per dataset fingerprint: a
+    marker under ``$BRAINALIGN_CACHE/validated/`` records a dataset that passed (a sweep's
+    trials and finals then pay nothing). File hashes are not re-read here; ``brainalign data
+    validate`` does that.
+    """
+    from .._io import atomic_file
+    from ..paths import cache_dir
+
+    import hashlib
+
+    key = hashlib.sha256(f"{ds.fingerprint}|{ds.root.resolve()}".encode()).hexdigest()[:32]
+    marker = cache_dir() / "validated" / f"{key}.json"
+    if marker.is_file():
+        return
+    problems = validate_dataset(ds.root, check_hashes=False, check_tables=False)
+    if problems:
+        shown = "\n  - ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise BrainalignError(
+            f"dataset {ds.root} breaks the data contract ({len(problems)} problem(s)); nothing was trained:\n"
+            f"  - {shown}{more}\nRun `brainalign data validate {ds.root}` for the full list, then fix or "
+            "re-create the dataset (docs/data-contract.md)."
+        )
+    with atomic_file(marker) as tmp:
+        tmp.write_text(json.dumps({"root": str(ds.root), "fingerprint": ds.fingerprint}))
 
 
 def _check_manifest(ds: BrainDataset, check_hashes: bool) -> list[Problem]:
@@ -138,11 +173,13 @@ def _check_epochs(ds: BrainDataset, subject: str, split: str, catalog: dict[str,
         n_bad = 0
         unknown: list[str] = []
         wrong_split: list[str] = []
+        wrong_concept: list[str] = []
         for batch in pq.ParquetFile(f).iter_batches(batch_size=2048):
             x = batch.column("epoch").to_numpy_ndarray()
             n_bad += int((~np.isfinite(x).reshape(len(x), -1).all(axis=1)).sum())
-            for image_id, rep in zip(batch.column("image_id").to_pylist(),
-                                     batch.column("repetition").to_pylist(), strict=True):
+            for image_id, rep, concept in zip(batch.column("image_id").to_pylist(),
+                                              batch.column("repetition").to_pylist(),
+                                              batch.column("concept").to_pylist(), strict=True):
                 key = (image_id, rep)
                 if key in seen:
                     dup_rows += 1
@@ -152,6 +189,8 @@ def _check_epochs(ds: BrainDataset, subject: str, split: str, catalog: dict[str,
                     unknown.append(image_id)
                 elif info[1] != split:
                     wrong_split.append(image_id)
+                elif info[0] != concept:
+                    wrong_concept.append(image_id)
                 used.add(image_id)
         if n_bad:
             out.append(Problem(rel, f"{n_bad} epoch(s) contain NaN or Inf", "drop or repair those trials"))
@@ -160,6 +199,9 @@ def _check_epochs(ds: BrainDataset, subject: str, split: str, catalog: dict[str,
         if wrong_split:
             out.append(Problem(rel, f"{len(wrong_split)} row(s) are {split} epochs of images the catalog puts in "
                                f"another split, e.g. {wrong_split[:3]}", "train/test images must not overlap"))
+        if wrong_concept:
+            out.append(Problem(rel, f"{len(wrong_concept)} row(s) name a concept other than the catalog's for their "
+                               f"image, e.g. {wrong_concept[:3]}", "write each epoch with its image's catalog concept"))
     if dup_rows:
         out.append(Problem(where_dir, f"{dup_rows} duplicate (image_id, repetition) rows"))
     return out

@@ -27,6 +27,7 @@ from .._io import atomic_file
 from ..config import TrainConfig
 from ..data.contract import open_dataset
 from ..data.prepare import catalog_embeddings, check_subjects, load_table_for, load_test, prepare
+from ..data.validate import require_valid
 from ..metrics import retrieval_ranks
 from ..paths import ray_storage
 from .loop import build_run, encode
@@ -112,6 +113,8 @@ def run_training(
     table, table_path = load_table_for(cfg)
     needed = ds.image_ids("train") + (ds.image_ids("test") if evaluate_test else [])
     emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
+    check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
+    require_valid(ds)  # NaNs, duplicates, test images in training files, ...: once per fingerprint
     prepared = prepare(cfg)
     emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
     if not emb_path.is_file():
@@ -134,7 +137,7 @@ def run_training(
             if result.checkpoint is None:
                 raise RuntimeError("training produced no checkpoint to test")
             result.test = _test(cfg, result.checkpoint, emb, ds, run_id, uri)
-            _log_artifacts(cfg, result, run_id, uri)
+        _log_artifacts(cfg, result, run_id, uri)
         tracking.end_run(run_id, "FINISHED", uri=uri)
     except KeyboardInterrupt:
         tracking.end_run(run_id, "KILLED", uri=uri)
@@ -277,10 +280,27 @@ def _test(cfg: TrainConfig, checkpoint: Path, emb: np.ndarray, ds: Any, run_id: 
     return out
 
 
+def check_encoder(cfg: TrainConfig, n_chans: int, n_times: int, embed_dim: int) -> None:
+    """Build the encoder on the meta device: an impossible shape or architecture fails here,
+    naming the dataset's shape, before an MLflow run or a Ray worker exists."""
+    from ..encoders import count_parameters
+
+    try:
+        count_parameters(cfg.encoder, n_chans=n_chans, n_times=n_times, embed_dim=embed_dim,
+                         n_subjects=len(cfg.data.subjects), **cfg.arch)
+    except BrainalignError as e:
+        raise BrainalignError(
+            f"encoder {cfg.encoder!r} cannot take the epochs of {cfg.data.path} ({n_chans} channels x "
+            f"{n_times} samples, embedding dim {embed_dim}): {e}"
+        ) from None
+
+
 def _log_artifacts(cfg: TrainConfig, result: TrainResult, run_id: str, uri: str) -> None:
-    assert result.checkpoint is not None
-    tracking.log_artifact(run_id, result.checkpoint, "checkpoint", uri=uri)
+    """Resolved config always; the selected checkpoint and its summary when one was saved."""
     tracking.log_dict(run_id, cfg.to_flat(), "config/resolved_config.json", uri=uri)
+    if result.checkpoint is None:
+        return
+    tracking.log_artifact(run_id, result.checkpoint, "checkpoint", uri=uri)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "best.json"
         p.write_text(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test}, indent=2))
