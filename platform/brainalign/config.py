@@ -24,7 +24,7 @@ from .paths import resolve
 __all__ = ["DataConfig", "TrainConfig", "load_config", "parse_overrides"]
 
 TRIAL_MODES = ("average", "single")
-NORMALIZATIONS = ("none", "center_l2")
+NORMALIZATIONS = ("none", "center_l2", "alignvis")
 SELECT_METRICS = ("val_loss", "val_top1")
 
 
@@ -37,7 +37,8 @@ class DataConfig:
     (default: the same) are evaluated. ``train_trials="average"`` trains on
     repetition-averaged epochs (AlignVis), ``"single"`` on single trials (ATM).
     ``normalize="center_l2"`` makes each repetition and channel zero-mean and unit-norm over
-    time before averaging (AlignVis's per-repetition normalization; a training-time option).
+    time before averaging; ``"alignvis"`` is the reference's exact formula, which divides the
+    centred series by the norm of the *uncentred* one (see ``data.prepare.normalize_epochs``).
     """
 
     path: str = "data/sim-mini"

@@ -63,8 +63,12 @@ def test_single_trial_mode_and_normalization(toy: Path) -> None:
     assert len(ti) == 36 * 3
     np.testing.assert_allclose(tx.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(tx, axis=-1), 1, atol=1e-4)
-    x = np.random.default_rng(0).normal(size=(2, 3, 50))
+    x = np.random.default_rng(0).normal(loc=2.0, size=(2, 3, 50))
     assert normalize_epochs(x, "none") is x
+    # the reference's formula, written out: centre, then divide by the uncentred norm
+    ref = np.stack([[(c - c.mean()) / (np.sqrt((c**2).sum()) + 1e-8) for c in rep] for rep in x])
+    np.testing.assert_allclose(normalize_epochs(x, "alignvis"), ref, rtol=1e-10)
+    assert np.linalg.norm(normalize_epochs(x, "alignvis"), axis=-1).max() < 0.9  # offset 2 shrinks it
 
 
 def test_test_split_is_averaged_in_catalog_order(toy: Path) -> None:

@@ -37,15 +37,20 @@ PREPARE_VERSION = 1
 
 
 def normalize_epochs(x: np.ndarray, mode: str) -> np.ndarray:
-    """Per-repetition, per-channel normalization over time (``"center_l2"``) or none.
+    """Per-repetition, per-channel normalization over time, applied before averaging.
 
-    ``center_l2``: ``(x - mean_t x) / ||x - mean_t x||_2`` (AlignVis normalizes each
-    repetition and channel before averaging repetitions).
+    * ``center_l2`` (default): ``(x - mean_t x) / ||x - mean_t x||_2``: every series ends
+      zero-mean with unit norm.
+    * ``alignvis``: ``(x - mean_t x) / ||x||_2``, AlignVis's (and NICE's) exact formula. It
+      divides by the norm of the uncentred series, so a channel with a large DC offset is
+      shrunk towards zero; on baseline-corrected epochs (mean over time ~ 0) both agree.
+    * ``none``: unchanged.
     """
     if mode == "none":
         return x
-    x = x - x.mean(axis=-1, keepdims=True)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    scale = np.linalg.norm(centred if mode == "center_l2" else x, axis=-1, keepdims=True)
+    return centred / (scale + 1e-8)
 
 
 def split_images(image_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
