@@ -62,7 +62,7 @@ from brainalign.data.prepare import check_subjects, load_table_for
 
 log = logging.getLogger("brainalign.jobs.cross_subject")
 
-STUDY_KEYS = ("name", "experiment", "subjects", "seeds", "pairs", "config_from_run")
+STUDY_KEYS = ("name", "experiment", "subjects", "seeds", "pairs", "config_from_run", "simulate")
 #: Keys never taken from another run's config: they define the data, the fold, the seed,
 #: where the run is tracked and what it may use on THIS cluster.
 NOT_FROM_RUN = frozenset({
@@ -273,6 +273,16 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
     base = TrainConfig.from_flat(flat).resolved()
 
     root = Path(base.data.path)
+    if "simulate" in st:  # validated always; creates data.path (absent only) where the job runs
+        from brainalign.data.contract import MANIFEST
+        from brainalign.data.simulate import simulate_dataset
+        from brainalign.sweep.study import parse_simulate
+
+        sim = parse_simulate(f"[study] of {p.name}:", st["simulate"])
+    if "simulate" in st and not (root / MANIFEST).is_file():
+        log.info("simulating %s (preset %s, seed %d): data.path is missing", root, sim.preset, sim.seed)
+        simulate_dataset(root, sim.preset, seed=sim.seed, null=sim.null, overrides=dict(sim.overrides) or None,
+                         progress=False)
     ds = open_dataset(root)  # raises if missing
     pool = tuple(_csv_list(subjects)) if subjects else tuple(str(s) for s in st.get("subjects", ()))
     pool = pool or tuple(ds.meta.subjects)

@@ -48,6 +48,17 @@ export RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-15}"
 # Ray's 30 s default is always spent in full on a node with live actors. cluster_down.sh
 # stops the jobs itself before it stops the head, so a short drain loses nothing.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}"
+case "$RAY_AUTH_MODE" in
+    disabled) ;;
+    token)  # fail now, not as an AuthenticationError at the first `ray job submit`
+        if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]]; then
+            echo "cluster-up: RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to" \
+                 "a token file, or create ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} with" \
+                 "'ray get-auth-token --generate'." >&2
+            exit 1
+        fi ;;
+    *) echo "cluster-up: RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'." >&2; exit 1 ;;
+esac
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK=true
 STATE="$STATE_DIR/state.env"
 
@@ -233,7 +244,11 @@ cat >"$STATE_DIR/env.sh" <<EOF
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT
 export RAY_AUTH_MODE=$RAY_AUTH_MODE
 export BRAINALIGN_HOME=$BRAINALIGN_HOME
+export PATH=$(dirname "$(command -v ray)"):\$PATH
 EOF
+if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH" >>"$STATE_DIR/env.sh"
+fi
 if [[ -n "$MLFLOW_PID" ]]; then
     echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI" >>"$STATE_DIR/env.sh"
 fi

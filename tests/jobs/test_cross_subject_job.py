@@ -97,6 +97,26 @@ def test_load_study_rejects_bad_input_before_running(tiny_dataset: Path, tmp_pat
         _study(tiny_dataset)
 
 
+def test_study_simulates_a_missing_dataset(tmp_path: Path) -> None:
+    """A fresh clone has no data: a study with `simulate` creates data.path first (validated
+    before, so a typo costs nothing); an existing dataset is used as it is."""
+    doc = STUDY.read_text().replace('simulate = { preset = "mini", seed = 0 }',
+                                    'simulate = { preset = "tiny", seed = 0 }')
+    assert 'preset = "tiny"' in doc
+    study = tmp_path / "xs.toml"
+    study.write_text(doc)
+    target = tmp_path / "sim"
+    st = job.load_study(study, data=str(target), seeds="1")
+    assert (target / "dataset.json").is_file() and st.subjects == ("01", "02")
+    before = (target / "dataset.json").stat().st_mtime_ns
+    job.load_study(study, data=str(target), seeds="1")
+    assert (target / "dataset.json").stat().st_mtime_ns == before
+    study.write_text(doc.replace('preset = "tiny"', 'preset = "tinny"'))
+    with pytest.raises(job.BrainalignError, match="Did you mean 'tiny'"):
+        job.load_study(study, data=str(tmp_path / "never"), seeds="1")
+    assert not (tmp_path / "never").exists()
+
+
 def test_report_table_and_tests(tiny_dataset: Path) -> None:
     st = _study(tiny_dataset, subjects="01,02")
     rows = [job.RunRow(s, 0, arm, "t", 1, top1, top1 + 0.2, 20, 0, f"r{s}{arm}")

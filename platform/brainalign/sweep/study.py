@@ -392,6 +392,30 @@ class SimulateSpec:
         return {"preset": self.preset, "seed": self.seed, "null": self.null, "overrides": dict(self.overrides)}
 
 
+def parse_simulate(where: str, sim: Any) -> SimulateSpec:
+    """A study file's ``simulate = { preset, seed, null, overrides }`` table, validated
+    (unknown keys, preset or simulator parameter name the closest match)."""
+    if not isinstance(sim, Mapping):
+        raise BrainalignError(f"{where} simulate must be a table like {{ preset = \"mini\", seed = 0 }}.")
+    _unknown(f"{where} simulate", sim, _SIMULATE_KEYS)
+    null = sim.get("null", False)
+    if not isinstance(null, bool):
+        raise BrainalignError(f"{where} simulate.null must be true or false, got {null!r}.")
+    overrides = sim.get("overrides", {})
+    if not isinstance(overrides, Mapping):
+        raise BrainalignError(f"{where} simulate.overrides must be a table of simulator parameters.")
+    spec = SimulateSpec(
+        preset=_str(f"{where} simulate.preset", sim.get("preset", "mini")),
+        seed=_int(f"{where} simulate.seed", sim.get("seed", 0), 0),
+        null=null,
+        overrides=dict(overrides),
+    )
+    from ..data.simulate import make_params
+
+    make_params(spec.preset, spec.overrides)  # unknown preset/parameter -> closest match
+    return spec
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """A brain encoder of the study and its search space."""
@@ -641,27 +665,7 @@ def load_study(path: str | Path) -> Study:
         raise BrainalignError(f"{w} name {name!r} may only hold letters, digits, '-', '_' and '.'.")
     dataset = _str(f"{w} dataset", _need(w, st, "dataset"))
 
-    simulate = None
-    if "simulate" in st:
-        sim = st["simulate"]
-        if not isinstance(sim, Mapping):
-            raise BrainalignError(f"{w} simulate must be a table like {{ preset = \"mini\", seed = 0 }}.")
-        _unknown(f"{w} simulate", sim, _SIMULATE_KEYS)
-        null = sim.get("null", False)
-        if not isinstance(null, bool):
-            raise BrainalignError(f"{w} simulate.null must be true or false, got {null!r}.")
-        overrides = sim.get("overrides", {})
-        if not isinstance(overrides, Mapping):
-            raise BrainalignError(f"{w} simulate.overrides must be a table of simulator parameters.")
-        simulate = SimulateSpec(
-            preset=_str(f"{w} simulate.preset", sim.get("preset", "mini")),
-            seed=_int(f"{w} simulate.seed", sim.get("seed", 0), 0),
-            null=null,
-            overrides=dict(overrides),
-        )
-        from ..data.simulate import make_params
-
-        make_params(simulate.preset, simulate.overrides)  # unknown preset/parameter -> closest match
+    simulate = parse_simulate(w, st["simulate"]) if "simulate" in st else None
 
     subjects_raw = _need(w, st, "subjects")
     if not isinstance(subjects_raw, list) or not subjects_raw:
