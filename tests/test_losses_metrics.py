@@ -87,3 +87,25 @@ def test_ties_are_counted_against_the_query() -> None:
     # a constant model is never above chance
     const = torch.ones(10, 4)
     assert topk_accuracy(const, torch.randn(10, 4), ks=(1,))["top1"] == 0.0
+
+
+def test_chunked_ranks_equal_a_full_sort_across_chunk_borders() -> None:
+    """Chunks of 7 gallery rows and 3 queries give the ranks of one full argsort, with exact
+    duplicates of targets placed in other chunks (each must tie against its query)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(50, 6, generator=gen)
+    g[40] = g[3]  # duplicate of target 3, in another gallery chunk
+    g[9] = g[21]
+    t = torch.tensor([3, 21, 0, 49, 13, 7, 3, 28])
+    q = g[t] + 0.8 * torch.randn(len(t), 6, generator=gen)
+    got = retrieval_ranks(q, g, t, chunk=7, query_chunk=3)
+    assert torch.equal(got, retrieval_ranks(q, g, t))
+    s = (q - q.mean(1, keepdim=True)) / (q - q.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
+    z = (g - g.mean(1, keepdim=True)) / (g - g.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
+    scores = (s.double() @ z.double().T).numpy()
+    for i, target in enumerate(t.tolist()):
+        own = scores[i, target]
+        twin = {3: 40, 21: 9}.get(target)
+        expected = 1 + int((np.delete(scores[i], [target] + ([twin] if twin else [])) > own).sum())
+        expected += 1 if twin is not None else 0  # the duplicate ties and counts against the query
+        assert got[i].item() == expected, (i, target)

@@ -23,23 +23,34 @@ def similarity(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_ranks(
-    queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 16384,
+    query_chunk: int = 4096,
 ) -> torch.Tensor:
     """1-based rank of each query's target in the gallery (ties counted against the query).
 
-    Memory is ``O(chunk x G)``: queries are processed in chunks, and no sort is done, so a
-    1M-item gallery needs about the gallery itself plus one chunk of scores.
+    One pass over the gallery in chunks of ``chunk`` rows per chunk of ``query_chunk``
+    queries: each gallery chunk is normalized, scored with one matmul and the items scoring
+    at least the target's score are counted. No sort, and neither the normalized gallery nor
+    the ``(Q, G)`` score matrix ever exist whole, so extra memory is
+    ``O(query_chunk x chunk + chunk x D)`` whatever the gallery size (benchmarks/bench_retrieval.py).
+    The target's own score comes from a matmul of the same form (its column is masked in the
+    counting pass), so an item equal to the target ties with it.
     """
-    g = center_normalize(gallery.float())
     ranks = []
-    for start in range(0, queries.shape[0], chunk):
-        q = center_normalize(queries[start : start + chunk].float())
-        t = targets[start : start + chunk]
-        s = q @ g.T  # (q, G)
-        own = s.gather(1, t.view(-1, 1))
-        higher = (s > own).sum(1)
-        ties = (s == own).sum(1) - 1  # other items with the same score
-        ranks.append(1 + higher + ties)
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = center_normalize(queries[qs : qs + query_chunk].float())
+        t = targets[qs : qs + query_chunk]
+        own = (q @ center_normalize(gallery[t].float()).T).diagonal().unsqueeze(1)
+        count = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        for start in range(0, gallery.shape[0], chunk):
+            s = q @ center_normalize(gallery[start : start + chunk].float()).T
+            inside = ((t >= start) & (t < start + s.shape[1])).nonzero().squeeze(1)
+            s[inside, t[inside] - start] = float("-inf")  # the target itself is not counted
+            count += (s >= own).sum(1)
+        ranks.append(1 + count)
     return torch.cat(ranks)
 
 
