@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
 from brainalign.data.ingest.things_eeg2 import CHANNELS_63
 
 N_TRAIN_FULL, N_TEST_FULL, TRAIN_REPS, TEST_REPS = 16540, 200, 4, 80

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from brainalign.data.contract import open_dataset, read_embedding_table
 from brainalign.data.simulate import simulate_dataset
 from brainalign.encoders import create_encoder

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import open_dataset, read_embedding_table
 from brainalign.data.simulate import (

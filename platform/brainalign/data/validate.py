@@ -78,10 +78,10 @@ def require_valid(ds: BrainDataset) -> None:
     trials and finals then pay nothing). File hashes are not re-read here; ``brainalign data
     validate`` does that.
     """
+    import hashlib
+
     from .._io import atomic_file
     from ..paths import cache_dir
-
-    import hashlib
 
     key = hashlib.sha256(f"{ds.fingerprint}|{ds.root.resolve()}".encode()).hexdigest()[:32]
     marker = cache_dir() / "validated" / f"{key}.json"

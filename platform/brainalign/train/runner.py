@@ -160,7 +160,7 @@ def inline_max_bytes() -> int:
     try:
         mb = float(value)
     except ValueError:
-        raise BrainalignError(f"BRAINALIGN_INLINE_MB={value!r} is not a number of megabytes (e.g. 256; 0 streams)")
+        raise BrainalignError(f"BRAINALIGN_INLINE_MB={value!r} is not a number of megabytes (e.g. 256; 0 streams)") from None
     return int(mb * 2**20)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from brainalign.data.ingest.things_eeg2 import CHANNELS_63, CHANNELS_OCCIPITAL_PARIETAL
 
 TRAIN_CONCEPTS = ["00001_aardvark", "00002_abacus", "00003_accordion"]

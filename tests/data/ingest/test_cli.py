@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from brainalign.cli import main
 from brainalign.data.contract import open_dataset
 

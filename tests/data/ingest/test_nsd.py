@@ -9,6 +9,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import AVERAGED, open_dataset
 from brainalign.data.ingest import ingest_nsd, ingest_nsd_per_subject

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.lib.format as npformat
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.ingest.safe_pickle import (
     LAZY_BYTES,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import AVERAGED, open_dataset
 from brainalign.data.ingest import UnsafePickleError, _common, ingest_things_eeg2, read_image_metadata

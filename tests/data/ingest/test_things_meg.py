@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from brainalign._checks import BrainalignError
 from brainalign.data.contract import AVERAGED, open_dataset
 from brainalign.data.ingest import ingest_things_meg
