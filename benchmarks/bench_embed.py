@@ -6,22 +6,24 @@ one is ``embed_catalog`` (parallel decode tasks + a 1-CPU model actor). Both tim
 loading the model; the Ray one is run twice (cold: fresh worker processes; warm: ``force=True``
 again in the same Ray session). The outputs are compared (max |difference|).
 
-Usage::
-
-    python benchmarks/bench_embed.py                       # tiny timm test_vit, 256 images
-    python benchmarks/bench_embed.py --encoder efficientnet_lite0:none --n-images 128
+Usage: ``make bench`` (all benchmarks), or ``.venv/bin/python benchmarks/run_all.py --only embed``.
+Both sides decode and embed the same generated JPEGs with a tiny timm ViT on CPU; with a GPU
+lent, the same pipeline runs a real ViT-B with one model actor per GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+# benchmarks/ is sys.path[0] when this file runs as a script
+from _common import EquivalenceError, Options, Result, bench_main, make_result
 
 
 def make_images(root: Path, n: int, side: int) -> Path:
@@ -43,15 +45,8 @@ def make_images(root: Path, n: int, side: int) -> Path:
     return root / "images.parquet"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoder", default="tiny-test_vit:none")
-    ap.add_argument("--n-images", type=int, default=256)
-    ap.add_argument("--side", type=int, default=256, help="side of the generated JPEGs")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--ray-cpus", type=int, default=max(4, os.cpu_count() or 1))
-    args = ap.parse_args()
-
+def measure(encoder: str, n_images: int, side: int, batch_size: int, work: Path) -> dict[str, Any]:
+    """Sequential loop, then the Ray Data pipeline cold and warm, on the same generated JPEGs."""
     import ray
     import torch
 
@@ -59,43 +54,57 @@ def main() -> None:
     from brainalign.images import embed_catalog, embed_images_local, image_encoder_info
     from brainalign.images.testing import register_tiny_encoders, write_tiny_weights
 
-    work = Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    weights = write_tiny_weights(work / "weights")
+    register_tiny_encoders()
+    _spec, alignment = image_encoder_info(encoder)
+    cat = make_images(work / "cat", n_images, side)
+    files = [cat.parent / f"imgs/im{k:05d}.jpg" for k in range(n_images)]
+
+    t0 = time.perf_counter()
+    seq = embed_images_local(encoder, files, weights=weights, batch_size=batch_size)[alignment]
+    t_seq = time.perf_counter() - t0
+
+    cpus = max(4, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        weights = write_tiny_weights(work / "weights")
-        register_tiny_encoders()
-        spec, alignment = image_encoder_info(args.encoder)
-        cat = make_images(work / "cat", args.n_images, args.side)
-        files = [cat.parent / f"imgs/im{k:05d}.jpg" for k in range(args.n_images)]
-        print(
-            f"encoder {args.encoder}, {args.n_images} images {args.side}px JPEG, batch {args.batch_size}, "
-            f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-        )
-
-        t0 = time.perf_counter()
-        seq = embed_images_local(args.encoder, files, weights=weights, batch_size=args.batch_size)[alignment]
-        t_seq = time.perf_counter() - t0
-
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
         runs = []
         for k in range(2):  # cold (fresh worker processes), then warm (workers already up)
             t0 = time.perf_counter()
-            report = embed_catalog(
-                cat, args.encoder, work / "tables", weights=weights, batch_size=args.batch_size, force=k > 0
-            )
+            report = embed_catalog(cat, encoder, work / "tables", weights=weights, batch_size=batch_size,
+                                   force=k > 0)
             runs.append(time.perf_counter() - t0)
-        table = read_embedding_table(report.written[args.encoder])
-        diff = float(np.abs(table.vectors - seq).max())
-
-        n = args.n_images
-        print(f"sequential loop : {t_seq:7.2f} s  {n / t_seq:8.1f} img/s  (decode + model in one process)")
-        for label, t in zip(("Ray Data cold  ", "Ray Data warm  "), runs, strict=True):
-            print(f"{label} : {t:7.2f} s  {n / t:8.1f} img/s  ({args.ray_cpus} logical CPUs, 1 model actor)")
-        print(f"ratio Ray/sequential img/s: cold {t_seq / runs[0]:.2f}x, warm {t_seq / runs[1]:.2f}x")
-        print(f"same outputs: max |ray - sequential| = {diff:.2e} ({'OK' if diff < 1e-4 else 'MISMATCH'})")
+    finally:
         ray.shutdown()
+    table = read_embedding_table(report.written[encoder])
+    return {"t_seq": t_seq, "t_cold": runs[0], "t_warm": runs[1], "max_abs_diff": float(np.abs(table.vectors - seq).max()),
+            "ray_cpus": cpus, "torch_threads": torch.get_num_threads()}
+
+
+def run(opts: Options) -> list[Result]:
+    encoder, side, batch = "tiny-test_vit:none", 256, 32
+    n = 64 if opts.quick else 256
+    work = Path(tempfile.mkdtemp(prefix="bench_embed_", dir=opts.workdir))
+    try:
+        m = measure(encoder, n, side, batch, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if m["max_abs_diff"] > 1e-4:
+        raise EquivalenceError(f"Ray Data and the sequential loop embed differently: max |diff| {m['max_abs_diff']:.3g}")
+    raw = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()} | {
+        "encoder": encoder, "images": n, "jpeg_side": side, "batch": batch}
+    return [
+        make_result(
+            bench="embed", case=f"{encoder}, {n} JPEG {side}px, {label}", metric="images per second",
+            ours=n / m[key], baseline=n / m["t_seq"], unit="img/s", ratio=m["t_seq"] / m[key],
+            ratio_def="sequential time / Ray Data time", goal="", raw=raw if key == "t_cold" else {},
+            notes=note,
+        )
+        for key, label, note in (
+            ("t_cold", "cold", "includes starting Ray's worker processes and the model actor"),
+            ("t_warm", "warm", "second run in the same Ray session (force=True)"),
+        )
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(bench_main("embed", run))

@@ -45,6 +45,7 @@ BENCHES: dict[str, str | None] = {
     "sweep": "bench_sweep_efficiency.py",
     "retrieval": "bench_retrieval.py",
     "memory": "bench_memory.py",
+    "embed": "bench_embed.py",
     "gpu": None,
 }
 TITLES = {
@@ -53,6 +54,7 @@ TITLES = {
     "sweep": "3. Sweep efficiency: TPE + ASHA vs the reference's grid",
     "retrieval": "4. Retrieval at scale: chunked ranks vs naive full sort",
     "memory": "5. Memory: Train worker peak RSS, 1 vs 4 subjects",
+    "embed": "7. Image embedding: Ray Data pipeline vs sequential loop (issue 4)",
     "gpu": "6. GPU",
 }
 WHAT = {
@@ -78,14 +80,20 @@ WHAT = {
     ),
     "retrieval": (
         "200 queries x D=768 against galleries of 16,740 and 1,000,000: `brainalign.metrics."
-        "retrieval_ranks` / `topk_accuracy` vs `similarity` + full `argsort`, and a gallery-chunked "
-        "candidate; ranks must be identical. Peak memory = kernel high-water mark (VmHWM, reset per call) "
+        "retrieval_ranks` / `topk_accuracy` (one pass over the gallery in chunks) vs `similarity` + full "
+        "`argsort`, and the previous query-chunked method; ranks must be identical. Peak memory = kernel high-water mark (VmHWM, reset per call) "
         "above the RSS holding the gallery."
     ),
     "memory": (
         "Peak private RSS (RssAnon, polled) and VmHWM of the Ray Train worker (library "
         "`train_loop_per_worker`, one epoch) with 1 vs 4 subjects of 63 x 250 rows, measured at a fraction "
         "of full size and extrapolated with a per-row model."
+    ),
+    "embed": (
+        "Images/s of `brainalign.images.embed_catalog` (Ray Data: parallel JPEG decode tasks, then a "
+        "map_batches actor holding the model) vs a plain sequential loop of the same decode and model code "
+        "(`embed_images_local`), tiny timm ViT on CPU, 256 generated 256px JPEGs; both include model loading. "
+        "The tables must agree to 1e-4."
     ),
     "gpu": "Skipped: no GPU is lent to this task; the CPU figures above are the only ones measured.",
 }

@@ -40,6 +40,33 @@ def test_info_nce_is_low_for_matching_and_symmetric() -> None:
         loss(torch.randn(4, 3), torch.randn(4, 2))
 
 
+def test_repeated_images_in_a_batch_are_not_negatives() -> None:
+    """Rows 0 and 3 show the same image (two subjects): with ids, each pair's logits leave the
+    other out of both softmaxes, i.e. the loss equals a hand computation on the masked matrix;
+    with all-distinct ids it is the plain loss."""
+    rng = np.random.default_rng(1)
+    b, i = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    i[3] = i[0]
+    ids = torch.tensor([7, 1, 2, 7, 4])
+    loss = SymmetricInfoNCE(0.1)
+    got = loss(torch.tensor(b), torch.tensor(i), ids).item()
+
+    def cn(z: np.ndarray) -> np.ndarray:
+        z = z - z.mean(1, keepdims=True)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    lg = cn(b) @ cn(i).T / 0.1
+    lg[0, 3] = lg[3, 0] = -np.inf
+
+    def ce(m: np.ndarray) -> float:
+        return float(np.mean([np.log(np.exp(r[np.isfinite(r)]).sum()) - r[k] for k, r in enumerate(m)]))
+
+    assert got == pytest.approx(0.5 * (ce(lg) + ce(lg.T)), rel=1e-5)
+    assert got < loss(torch.tensor(b), torch.tensor(i)).item()  # the duplicate no longer counts against
+    plain = loss(torch.tensor(b), torch.tensor(i), torch.arange(5)).item()
+    assert plain == pytest.approx(loss(torch.tensor(b), torch.tensor(i)).item(), rel=1e-7)
+
+
 def test_fixed_temperature_is_not_a_parameter_learned_one_is() -> None:
     fixed = SymmetricInfoNCE(0.04)
     assert list(fixed.parameters()) == [] and fixed.temperature == pytest.approx(0.04)

@@ -61,10 +61,23 @@ class SymmetricInfoNCE(nn.Module):
         i = center_normalize(image.float())
         return self.scale() * b @ i.T
 
-    def forward(self, brain: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Loss for paired rows ``brain[k] <-> image[k]``; shapes ``(B, D)`` both."""
+    def forward(
+        self, brain: torch.Tensor, image: torch.Tensor, image_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss for paired rows ``brain[k] <-> image[k]``; shapes ``(B, D)`` both.
+
+        ``image_ids`` (``(B,)``, optional) names each row's image. A batch can hold one image
+        several times (several training subjects, or single trials); those pairs are the same
+        image, not negatives, so their off-diagonal logits are masked out of both softmaxes.
+        Without duplicates the loss is exactly the plain one.
+        """
         if brain.shape != image.shape:
             raise ValueError(f"brain {tuple(brain.shape)} and image {tuple(image.shape)} embeddings differ in shape.")
         logits = self.logits(brain, image)
         target = torch.arange(logits.shape[0], device=logits.device)
+        if image_ids is not None:
+            same = image_ids.view(-1, 1) == image_ids.view(1, -1)
+            same.fill_diagonal_(False)
+            if bool(same.any()):
+                logits = logits.masked_fill(same, float("-inf"))
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

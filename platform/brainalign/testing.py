@@ -67,3 +67,35 @@ def write_toy_dataset(
             w.write_embedding_table(image_ids=ids, vectors=vec.astype(np.float32), backbone="toy",
                                     alignment=alignment, provenance={"simulated": True, "seed": seed})
     return Path(root)
+
+
+def ddp_temperature_step(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One training step of a learned-temperature run on ``rank`` of a gloo group (for tests).
+
+    Each rank sees different data, so unsynchronized temperatures would differ; writes the
+    rank's temperature after the step to ``out_dir/rank-<rank>.txt``.
+    """
+    import os
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from .config import TrainConfig
+    from .train.loop import build_run, train_one_epoch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        emb = torch.randn(32, 16)
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, learn_temperature=True, temperature=0.1, seed=0)
+        run = build_run(cfg, n_chans=17, n_times=100, image_emb=emb)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+        # several steps: AdamW's first step is lr * sign(grad) whatever the gradient's size
+        batches = [{"epoch": torch.randn(8, 17, 100, generator=gen) * (1 + 3 * rank),
+                    "image_index": torch.randperm(32, generator=gen)[:8]} for _ in range(4)]
+        train_one_epoch(run, batches)
+        Path(out_dir, f"rank-{rank}.txt").write_text(repr(run.loss_fn.temperature))
+    finally:
+        dist.destroy_process_group()

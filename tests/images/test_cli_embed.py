@@ -1,4 +1,4 @@
-"""``brainalign embed`` through the CLI: simulate -> render -> embed, and user errors."""
+"""``brainalign embed`` through the CLI: simulate -> render -> embed -> train, and user errors."""
 
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ def test_render_then_embed_into_the_dataset(
     )
     assert rc == 0 and "up to date  tiny-clip:none" in capsys.readouterr().out
     assert read_catalog(render / "images.parquet").num_rows == len(ds.image_ids())
+    # ... and the table a real encoder code path wrote trains a brain encoder (simulate -> embed -> train)
+    from mlflow.tracking import MlflowClient
+
+    from brainalign import TrainConfig, paths
+    from brainalign.config import DataConfig
+    from brainalign.train.runner import run_training
+
+    data = DataConfig(path=str(tiny_dataset), subjects=("01",), image_table="tiny-clip:none",
+                      embeddings_dir=str(out))
+    res = run_training(TrainConfig(data=data, epochs=1, batch_size=32, seed=3, experiment="embed-train"))
+    assert res.test["test_n_way"] == 20 and 0.0 <= res.test["test_top5"] <= 1.0
+    tags = MlflowClient(paths.mlflow_tracking_uri()).get_run(res.run_id).data.tags
+    assert (tags["backbone"], tags["alignment"]) == ("tiny-clip", "none")
 
 
 def test_render_only(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

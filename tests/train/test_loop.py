@@ -118,3 +118,20 @@ def test_every_encoder_trains_through_the_loop(name: str, tmp_path: Path) -> Non
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert 0.0 <= hist[-1]["val_top1"] <= hist[-1]["val_top5"] <= 1.0
     assert sum(p.numel() for p in run.model.parameters()) > 0
+
+
+def test_learned_temperature_stays_equal_across_data_parallel_workers(tmp_path: Path) -> None:
+    """Two gloo ranks, different data: the temperature (outside the DDP-wrapped model) is
+    averaged like the model's gradients, so both ranks hold the same value after a step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from brainalign.testing import ddp_temperature_step
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_temperature_step, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    t0, t1 = (float((tmp_path / f"rank-{r}.txt").read_text()) for r in range(2))
+    assert t0 == t1 and t0 != pytest.approx(0.1)

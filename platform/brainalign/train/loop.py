@@ -107,6 +107,25 @@ def _to(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return x, idx, (sid.to(run.device) if sid is not None else None)
 
 
+def _sync_temperature_grad(run: Run) -> None:
+    """Average a learned temperature's gradient over data-parallel workers.
+
+    DDP averages the model's gradients only; the loss's ``logit_scale`` lives outside the
+    wrapped model, so without this each worker's temperature would drift its own way.
+    """
+    if not run.loss_fn.learn_temperature:
+        return
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    grad = run.loss_fn.logit_scale.grad
+    if grad is None:
+        grad = torch.zeros_like(run.loss_fn.logit_scale)
+        run.loss_fn.logit_scale.grad = grad
+    dist.all_reduce(grad)
+    grad /= dist.get_world_size()
+
+
 def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
     """One pass over ``batches``; returns mean train loss, lr, temperature, samples."""
     lr = cosine_lr(run.cfg, run.epoch)
@@ -121,12 +140,13 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=run.amp):
             z = _forward(run, x, sid)
-        loss = run.loss_fn(z.float(), run.image_emb[idx])
+        loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
         else:
             loss.backward()
+        _sync_temperature_grad(run)
         if run.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
         if run.scaler is not None:
@@ -175,7 +195,7 @@ def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index
     for s in range(0, z.shape[0], bs):
         zb, ib = z[s : s + bs], idx[s : s + bs]
         if zb.shape[0] >= 2:
-            losses.append(float(run.loss_fn(zb, run.image_emb[ib])))
+            losses.append(float(run.loss_fn(zb, run.image_emb[ib], ib)))
             weights.append(zb.shape[0])
     gallery_idx, targets = torch.unique(idx, return_inverse=True)
     acc = topk_accuracy(z, run.image_emb[gallery_idx], targets)
