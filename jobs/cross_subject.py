@@ -5,15 +5,17 @@ For every held-out subject ``k`` of the study, for every image-embedding pair
 validation split is by image, across all training subjects: ``brainalign.data.prepare``)
 and test on subject ``k``'s test set. Hyperparameters come from the study file's
 ``[config]`` table, optionally replaced by the resolved config of a finished MLflow run
-(``config_from_run``, e.g. the best final run of a sweep) and then by ``--set`` overrides.
+(``config_from_run``, e.g. the best final run of a sweep), or per arm by a finished sweep's
+best configs (``config_from_sweep``: each image table gets the best config of its own
+search), and then by ``--set`` overrides.
 The result is a Table-2-style report (AlignVis ``scripts/clip_eeg_cross.sh`` protocol):
 per-subject rows, aligned vs base top-1/top-5, mean +- s.e.m. across subjects, and a
 paired t-test (and Wilcoxon signed-rank test) across subjects.
 
 Submit it to a running cluster (``make cluster-up``; see docs/cluster.md)::
 
-    RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . \\
-        -- python jobs/cross_subject.py --study jobs/cross_subject_mini.toml
+    source .cluster/env.sh
+    ray job submit --working-dir . -- python jobs/cross_subject.py --study jobs/cross_subject_mini.toml
 
 or run it directly (``python jobs/cross_subject.py --study ...``): it then starts or joins a
 local Ray through ``brainalign.train.runner.ensure_ray``.
@@ -48,7 +50,7 @@ import signal
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -62,7 +64,8 @@ from brainalign.data.prepare import check_subjects, load_table_for
 
 log = logging.getLogger("brainalign.jobs.cross_subject")
 
-STUDY_KEYS = ("name", "experiment", "subjects", "seeds", "pairs", "config_from_run", "simulate")
+STUDY_KEYS = ("name", "experiment", "subjects", "seeds", "pairs", "config_from_run", "config_from_sweep",
+              "simulate")
 #: Keys never taken from another run's config: they define the data, the fold, the seed,
 #: where the run is tracked and what it may use on THIS cluster.
 NOT_FROM_RUN = frozenset({
@@ -95,6 +98,11 @@ class Study:
         Hyperparameters shared by every run, data path absolute.
     config_from_run : str
         MLflow run id whose resolved config supplied the hyperparameters, or ``""``.
+    config_from_sweep : str
+        MLflow parent run id of a finished sweep whose per-arm best configs were used, or ``""``.
+    table_configs : mapping
+        Image table -> hyperparameters of that table's own best search config (from
+        ``config_from_sweep``); applied over ``base`` for that table's runs.
     """
 
     name: str
@@ -104,6 +112,8 @@ class Study:
     pairs: tuple[tuple[str, str], ...]
     base: TrainConfig
     config_from_run: str = ""
+    config_from_sweep: str = ""
+    table_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def folds(self) -> list[tuple[str, tuple[str, ...]]]:
         """``[(held_out, training_subjects), ...]`` in subject order."""
@@ -113,7 +123,7 @@ class Study:
         """The config of one child run: train on the others, test on ``held_out``."""
         train = tuple(t for t in self.subjects if t != held_out)
         backbone, alignment = table.split(":")
-        return self.base.with_overrides({
+        return self.base.with_overrides(dict(self.table_configs.get(table, {})) | {
             "data.subjects": train,
             "data.test_subjects": (held_out,),
             "data.image_table": table,
@@ -208,9 +218,53 @@ def config_from_run(run_id: str, uri: str) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in NOT_FROM_RUN}
 
 
+def configs_from_sweep(parent_run_id: str, uri: str, encoder: str) -> dict[str, dict[str, Any]]:
+    """Image table -> best config of that table's search under a sweep's parent run.
+
+    Reads the ``role=search`` children of ``parent_run_id`` for brain encoder ``encoder``
+    and their ``best_config.json`` (selected on validation data by the sweep); keys in
+    :data:`NOT_FROM_RUN` are dropped.
+
+    Raises
+    ------
+    BrainalignError
+        The run is not a sweep's parent, or has no finished search for ``encoder``.
+    """
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception as e:
+        raise BrainalignError(f"config_from_sweep: no MLflow run {parent_run_id!r} at {uri}: {e}") from e
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.role = 'search'",
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for run in children:
+        if run.data.tags.get("brain_encoder") != encoder or "image_table" not in run.data.tags:
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                flat = json.loads(Path(client.download_artifacts(run.info.run_id, "best_config.json", d)).read_text())
+        except Exception:  # an unfinished search logs no best config
+            continue
+        out[run.data.tags["image_table"]] = {k: v for k, v in flat.items() if k not in NOT_FROM_RUN}
+    if not out:
+        raise BrainalignError(
+            f"config_from_sweep: run {parent_run_id!r} has no finished search of brain encoder {encoder!r} "
+            f"(expected the parent run of a `brainalign sweep` study, role=report)."
+        )
+    return out
+
+
 def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str] = (),
                subjects: str | None = None, seeds: str | None = None, pairs: Sequence[str] = (),
-               experiment: str | None = None, from_run: str | None = None,
+               experiment: str | None = None, from_run: str | None = None, from_sweep: str | None = None,
                uri: str | None = None) -> Study:
     """Read a study TOML, apply command-line overrides, resolve and check everything.
 
@@ -234,6 +288,9 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
     from_run : str, optional
         MLflow run whose resolved config supplies the hyperparameters (``""`` = none),
         replacing the study's ``config_from_run``.
+    from_sweep : str, optional
+        Parent run of a finished sweep: each image table takes its own search's best config
+        (``""`` = none), replacing the study's ``config_from_sweep``.
     uri : str, optional
         MLflow tracking URI (default: :func:`brainalign.tracking.tracking_uri`).
 
@@ -266,6 +323,9 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
         flat["data.path"] = data
     check_locations(str(flat.get("data.path", TrainConfig().data.path)))  # before any store is touched
     run_id = from_run if from_run is not None else str(st.get("config_from_run", ""))
+    sweep_id = from_sweep if from_sweep is not None else str(st.get("config_from_sweep", ""))
+    if run_id and sweep_id:
+        raise BrainalignError("Use config_from_run or config_from_sweep, not both.")
     uri = uri or tracking.tracking_uri()
     if run_id:  # precedence: [config] < that run's hyperparameters < --set / --data
         flat = flatten_toml(doc.get("config", {})) | config_from_run(run_id, uri)
@@ -300,6 +360,19 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
         raise BrainalignError("The study has no pairs: set [study] pairs = [[aligned, base], ...] or --pair.")
     for table in {t for pr in pair_list for t in pr}:  # every table exists and covers the images
         load_table_for(base.with_overrides({"data.image_table": table}))
+    table_configs: dict[str, dict[str, Any]] = {}
+    if sweep_id:
+        found = configs_from_sweep(sweep_id, uri, base.encoder)
+        missing = sorted({t for pr in pair_list for t in pr} - set(found))
+        if missing:
+            raise BrainalignError(
+                f"config_from_sweep: sweep {sweep_id!r} tuned no {base.encoder!r} search for table(s) {missing} "
+                f"(it tuned {sorted(found)}); choose pairs the sweep covered."
+            )
+        overrides = dict(parse_overrides(sets))  # --set still wins over the sweep
+        for table, flat in found.items():
+            table_configs[table] = {k: v for k, v in flat.items() if k not in overrides}
+            base.with_overrides(table_configs[table])  # validated now, before any run
     return Study(
         name=str(st.get("name", p.stem)),
         experiment=experiment or str(st.get("experiment", "brainalign-cross-subject")),
@@ -308,6 +381,8 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
         pairs=pair_list,
         base=base,
         config_from_run=run_id,
+        config_from_sweep=sweep_id,
+        table_configs=table_configs,
     )
 
 
@@ -566,13 +641,17 @@ def run_study(study: Study, *, uri: str, guard: StopGuard) -> tuple[str, list[Ru
         "brain_encoder": base.encoder, "dataset": Path(base.data.path).name,
         "subjects": ",".join(study.subjects), "seeds": ",".join(map(str, study.seeds)),
         "pairs": ";".join(f"{a}|{b}" for a, b in study.pairs), "git_commit": tracking.code_version(),
-        "config_from_run": study.config_from_run, "ray_job": ray_job_id(),
+        "config_from_run": study.config_from_run, "config_from_sweep": study.config_from_sweep,
+        "ray_job": ray_job_id(),
     }
     params = {k: v for k, v in base.to_flat().items()
               if k not in ("data.subjects", "data.test_subjects", "data.image_table", "seed", "run_name")}
     params |= {"study.subjects": study.subjects, "study.seeds": study.seeds, "study.n_runs": study.n_runs,
                "study.pairs": [f"{a}|{b}" for a, b in study.pairs]}
     parent = tracking.start_run(study.experiment, run_name=f"{study.name}-report", params=params, tags=tags, uri=uri)
+    if study.table_configs:
+        tracking.log_dict(parent, {t: dict(c) for t, c in study.table_configs.items()},
+                          "config/table_configs.json", uri=uri)
     guard.parent = parent
     guard.experiment_id = tracking.ensure_experiment(study.experiment, uri)
     log.info("parent MLflow run %s (experiment %s, %d child runs)", parent, study.experiment, study.n_runs)
@@ -646,6 +725,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the study's)")
     p.add_argument("--config-from-run", dest="from_run", default=None, metavar="RUN_ID",
                    help="take the hyperparameters from this MLflow run's resolved config")
+    p.add_argument("--config-from-sweep", dest="from_sweep", default=None, metavar="PARENT_RUN_ID",
+                   help="each image table takes the best config of its own search in this sweep")
     p.add_argument("--dry-run", action="store_true", help="resolve and print the plan, run nothing")
     return p.parse_args(argv)
 
@@ -667,7 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     uri = tracking.tracking_uri()
     try:
         study = load_study(args.study, data=args.data, sets=args.sets, subjects=args.subjects, seeds=args.seeds,
-                           pairs=args.pairs, experiment=args.experiment, from_run=args.from_run, uri=uri)
+                           pairs=args.pairs, experiment=args.experiment, from_run=args.from_run,
+                           from_sweep=args.from_sweep, uri=uri)
     except BrainalignError as e:
         print(f"cross_subject: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,31 @@ def test_config_from_run_takes_hyperparameters_only(tiny_dataset: Path) -> None:
         _study(tiny_dataset, from_run="0" * 32, uri=uri)
 
 
+def test_config_from_sweep_gives_each_arm_its_own_best_config(tiny_dataset: Path) -> None:
+    """A sweep's tree (parent -> one search per table, each with best_config.json): each
+    table's runs take their own search's config; --set still wins; bad ids fail early."""
+    from brainalign import tracking
+
+    uri = tracking.tracking_uri()
+    parent = tracking.start_run("xs-sweep", run_name="study-x", tags={"role": "report"}, uri=uri)
+    for table, lr, temp in (("sim-clip:simulated", 3e-4, 0.05), ("sim-clip:none", 7e-4, 0.09)):
+        child = tracking.start_run("xs-sweep", run_name=table, parent_run_id=parent, uri=uri,
+                                   tags={"role": "search", "brain_encoder": "nice", "image_table": table})
+        tracking.log_dict(child, {"lr": lr, "temperature": temp, "seed": 5, "epochs": 9},
+                          "best_config.json", uri=uri)
+        tracking.end_run(child, uri=uri)
+    tracking.end_run(parent, uri=uri)
+    st = _study(tiny_dataset, from_sweep=parent, uri=uri)  # _study sets epochs=1, seeds=1
+    aligned, base = st.run_config("02", "sim-clip:simulated", 1), st.run_config("02", "sim-clip:none", 1)
+    assert (aligned.lr, aligned.temperature, base.lr, base.temperature) == (3e-4, 0.05, 7e-4, 0.09)
+    assert aligned.seed == base.seed == 1 and aligned.epochs == base.epochs == 1  # seed never, --set wins
+    assert st.config_from_sweep == parent
+    with pytest.raises(job.BrainalignError, match="no finished search"):
+        _study(tiny_dataset, from_sweep=tracking.start_run("xs-sweep", run_name="lonely", uri=uri), uri=uri)
+    with pytest.raises(job.BrainalignError, match="not both"):
+        _study(tiny_dataset, from_sweep=parent, from_run=parent, uri=uri)
+
+
 # --------------------------------------------------------------------------- real cluster
 def _free_port() -> int:
     with socket.socket() as s:
