@@ -48,17 +48,6 @@ export RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-15}"
 # Ray's 30 s default is always spent in full on a node with live actors. cluster_down.sh
 # stops the jobs itself before it stops the head, so a short drain loses nothing.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}"
-case "$RAY_AUTH_MODE" in
-    disabled) ;;
-    token)  # fail now, not as an AuthenticationError at the first `ray job submit`
-        if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]]; then
-            echo "cluster-up: RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to" \
-                 "a token file, or create ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} with" \
-                 "'ray get-auth-token --generate'." >&2
-            exit 1
-        fi ;;
-    *) echo "cluster-up: RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'." >&2; exit 1 ;;
-esac
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK=true
 STATE="$STATE_DIR/state.env"
 
@@ -103,7 +92,11 @@ wait_ready() {  # wait_ready NAME PID PORT PATH [LOG LINE]: 0 ready, 1 process e
 
 command -v ray >/dev/null || die "'ray' not found; run 'make install' or put the venv's bin/ on PATH."
 case "$RAY_AUTH_MODE" in
-    disabled|token) ;;
+    disabled) ;;
+    token)  # fail now, not as an AuthenticationError at the first `ray job submit`
+        [[ -n "${RAY_AUTH_TOKEN:-}" || -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]] \
+            || die "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a token" \
+                   "file, or create ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} with 'ray get-auth-token --generate'." ;;
     *) die "RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'." ;;
 esac
 
@@ -117,6 +110,10 @@ if [[ -f "$STATE" ]]; then
         exit 0
     fi
     echo "cluster-up: removing stale state $STATE (its processes are gone)."
+    # its temp dir was this script's own: clear its dead session so the check below passes
+    if [[ -n "${RAY_TEMP_DIR:-}" && "$RAY_TEMP_DIR" == "$TEMP_DIR" && -e "$TEMP_DIR/session_latest" ]]; then
+        rm -rf -- "$TEMP_DIR"
+    fi
     rm -f "$STATE" "$STATE_DIR/env.sh"
 fi
 
@@ -128,6 +125,10 @@ if [[ "${CLUSTER_NO_MLFLOW:-0}" != 1 ]]; then
 fi
 [[ "$TEMP_DIR" != /tmp/ray && "$TEMP_DIR" != /tmp/ray/ ]] \
     || die "RAY_TEMP_DIR must not be /tmp/ray (the default of every other Ray on this machine)."
+# cluster-down reaps stragglers by this dir: never share it with a Ray this script did not start
+[[ ! -e "$TEMP_DIR/session_latest" ]] \
+    || die "RAY_TEMP_DIR $TEMP_DIR already holds a Ray session (another cluster, or a crashed one):" \
+           "choose another RAY_TEMP_DIR, or remove the directory if no Ray uses it."
 
 RAY_PID="" MLFLOW_PID=""
 cleanup_on_error() {

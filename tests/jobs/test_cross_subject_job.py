@@ -208,6 +208,29 @@ def test_config_from_sweep_gives_each_arm_its_own_best_config(tiny_dataset: Path
         _study(tiny_dataset, from_sweep=parent, from_run=parent, uri=uri)
 
 
+def test_cluster_up_refuses_token_mode_without_a_token_and_a_used_temp_dir(tmp_path: Path) -> None:
+    """Both fail before anything starts: no state, no env.sh, no process."""
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
+        "CLUSTER_STATE_DIR": str(tmp_path / "state"), "BRAINALIGN_HOME": str(tmp_path),
+    }
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    script = str(ROOT / "scripts" / "cluster_up.sh")
+    res = subprocess.run(["bash", script], env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "RAY_AUTH_MODE=token but no token" in res.stderr
+    used = tmp_path / "raytmp"
+    (used / "session_latest").mkdir(parents=True)
+    res = subprocess.run(["bash", script], env=env | {"RAY_AUTH_MODE": "disabled", "RAY_TEMP_DIR": str(used),
+                                                      "RAY_DASHBOARD_PORT": str(_free_port()),
+                                                      "RAY_GCS_PORT": str(_free_port()),
+                                                      "MLFLOW_PORT": str(_free_port())},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "already holds a Ray session" in res.stderr, res.stderr
+    assert not (tmp_path / "state" / "env.sh").exists() and not (tmp_path / "state" / "state.env").exists()
+
+
 # --------------------------------------------------------------------------- real cluster
 def _free_port() -> int:
     with socket.socket() as s:
