@@ -68,6 +68,9 @@ def test_run_learns_and_lands_in_mlflow(ray_session: object, clear_dataset: Path
     rankings = Path(client.download_artifacts(res.run_id, "retrieval/test_rankings.csv", str(tmp_path)))
     lines = rankings.read_text().splitlines()
     assert lines[0] == "subject,image_id,rank,top5" and len(lines) == 1 + n_way
+    for row in lines[1:]:  # the listed top 5 agrees with the rank
+        _sub, image_id, rank, top5 = row.split(",")
+        assert (int(rank) <= 5) == (image_id in top5.split(";")), row
     mean_rank = sum(int(r.split(",")[2]) for r in lines[1:]) / n_way
     assert mean_rank < 0.8 * (n_way + 1) / 2  # chance mean rank is (n+1)/2
     conf = json.loads(Path(client.download_artifacts(res.run_id, "config/resolved_config.json",
