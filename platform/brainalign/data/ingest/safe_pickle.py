@@ -127,10 +127,13 @@ class FileBackedArray:
         stop = n0 if stop is None else min(stop, n0)
         start = max(0, min(start, stop))
         if self.fortran_order and self.ndim > 1:
-            # Rows are not contiguous in Fortran order: read the whole array (rare; logged).
-            log.warning("%s: Fortran-ordered array, reading all %d bytes to get rows", self.path, self.nbytes)
-            full = np.fromfile(self.path, self.dtype, self.size, offset=self.offset)
-            return np.array(full.reshape(self.shape, order="F")[start:stop], order="C")
+            # Rows are not contiguous in Fortran order: gather them through a read-only map, so
+            # memory stays ~ the rows asked for (slower: strided reads; rare in real releases).
+            mm = np.memmap(self.path, self.dtype, mode="r", offset=self.offset, shape=self.shape, order="F")
+            try:
+                return np.array(mm[start:stop], order="C")
+            finally:
+                del mm
         row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
         count = (stop - start) * row
         out = np.fromfile(
@@ -388,6 +391,8 @@ def _unpickle(f: io.BufferedReader, path: Path) -> Any:
         IndexError,
         KeyError,
         AttributeError,
+        OverflowError,
+        MemoryError,  # e.g. an array header claiming an absurd shape
     ) as e:
         raise BrainalignError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
     return _resolve(obj, {})
