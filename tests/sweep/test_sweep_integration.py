@@ -223,3 +223,58 @@ def test_fresh_is_refused_for_an_edited_study(study_run: Any, home: Path) -> Non
     edited.write_text(study_run.path.read_text().replace("final_seeds = 2", "final_seeds = 3"))
     with pytest.raises(BrainalignError, match="was edited since its sweep started.*--fresh"):
         run_study(load_study(edited), verbose=0)
+
+
+def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A real interruption: `brainalign sweep` (its own Ray) gets SIGINT once its first trial
+    has reported an epoch; the same command then resumes (Tuner.restore of an UNFINISHED
+    experiment) and the MLflow tree holds exactly one finished run per trial and final."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "space.toml").write_text(SPACE)
+    study = STUDY.format(dataset=tiny_dataset).replace('name = "sweep-it"', 'name = "sweep-int"')
+    study = study.replace('subjects = ["01", "02"]', 'subjects = ["01"]').replace("final_seeds = 2", "final_seeds = 1")
+    study = study.replace("max_epochs = 2", "max_epochs = 3")
+    (home / "study.toml").write_text(study)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env |= {"BRAINALIGN_HOME": str(home), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [str(Path(sys.executable).parent / "brainalign"), "sweep", "--study", str(home / "study.toml"), "--quiet"]
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        reported = False
+        while time.monotonic() < deadline and proc.poll() is None and not reported:
+            time.sleep(2)
+            if (home / "mlruns" / "mlflow.db").exists():
+                try:
+                    trials = [r for r in _runs(home, "sweep-int") if r.data.tags.get("role") == "trial"]
+                except Exception:  # the experiment is not created yet
+                    continue
+                reported = any("val_top1_best" in r.data.metrics for r in trials)
+        assert reported and proc.poll() is None, "the sweep ended before a trial reported"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Resume with the same command" in out
+    assert not [r for r in _runs(home, "sweep-int") if r.info.status == "RUNNING"]
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    runs = _runs(home, "sweep-int")
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    roles = Counter(r.data.tags.get("role") for r in runs)
+    assert roles == {"report": 1, "search": 2, "trial": 4, "final": 2}, roles
+    per_trial = Counter(r.data.tags.get("tune_trial_id") for r in runs if r.data.tags.get("role") == "trial")
+    assert set(per_trial.values()) == {1}

@@ -315,10 +315,12 @@ def run_study(study: Study, *, mode: str = "auto", verbose: int = 1) -> StudyOut
     except KeyboardInterrupt:
         if not state.report_logged:
             tracking.end_run(state.parent_run_id, "KILLED", uri=uri)
+        _state.end_running(study.name, study.name, "KILLED", uri)
         raise
     except BaseException:
         if not state.report_logged:
             tracking.end_run(state.parent_run_id, "FAILED", uri=uri)
+        _state.end_running(study.name, study.name, "FAILED", uri)
         raise
     return StudyOutcome(study=study.name, parent_run_id=state.parent_run_id, experiment=study.name,
                         report=report, searches=dict(state.searches), seconds=time.perf_counter() - t0)
