@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 SHARED_NOTE = (
-    "The machine was shared with other engineers' jobs while this ran (2 cores, load average "
-    "at start in the machine line): absolute times are noise; compare the ratios, each measured "
+    "The machine can be shared with other jobs (2 cores; each section records the load average "
+    "at its start and end): absolute times are noise; compare the ratios, each measured "
     "with both sides interleaved in one process or command."
 )
 
