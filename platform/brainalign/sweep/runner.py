@@ -89,6 +89,14 @@ def _run_search(study: Study, arm: Arm, state: _state.StudyState, uri: str, max_
     rec = state.searches.get(arm.name, {})
     run_id = rec.get("run_id")
     if not run_id:
+        # an interruption between creating the run and saving the state leaves it unrecorded:
+        # adopt it (the newest, deleting any older ones) rather than add a second search run
+        run_id = _state.reconcile_runs(
+            _state.find_runs(study.name, {"role": "search", "search": arm.name,
+                                          "mlflow.parentRunId": state.parent_run_id}, uri), None, uri)
+        if run_id:
+            _state.set_status(run_id, "RUNNING", uri)
+    if not run_id:
         run_id = tracking.start_run(
             study.name, run_name=arm.name, parent_run_id=state.parent_run_id, uri=uri,
             params={"searchspace": space.path, "metric": space.metric, "mode": space.mode,
@@ -99,6 +107,7 @@ def _run_search(study: Study, arm: Arm, state: _state.StudyState, uri: str, max_
                   "alignment": arm.alignment, "aligned": str(arm.aligned).lower(), "seed": str(study.seed),
                   "image_table": arm.table} | _search_tags(study, arm),
         )
+    if not rec.get("run_id"):
         tracking.log_dict(run_id, space.to_json(), "searchspace.json", uri=uri)
         state.searches[arm.name] = {"run_id": run_id, "done": False}
         state.save()
