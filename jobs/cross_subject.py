@@ -339,10 +339,10 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
         from brainalign.sweep.study import parse_simulate
 
         sim = parse_simulate(f"[study] of {p.name}:", st["simulate"])
-    if "simulate" in st and not (root / MANIFEST).is_file():
-        log.info("simulating %s (preset %s, seed %d): data.path is missing", root, sim.preset, sim.seed)
-        simulate_dataset(root, sim.preset, seed=sim.seed, null=sim.null, overrides=dict(sim.overrides) or None,
-                         progress=False)
+        if not (root / MANIFEST).is_file():
+            log.info("simulating %s (preset %s, seed %d): data.path is missing", root, sim.preset, sim.seed)
+            simulate_dataset(root, sim.preset, seed=sim.seed, null=sim.null,
+                             overrides=dict(sim.overrides) or None, progress=False)
     ds = open_dataset(root)  # raises if missing
     pool = tuple(_csv_list(subjects)) if subjects else tuple(str(s) for s in st.get("subjects", ()))
     pool = pool or tuple(ds.meta.subjects)

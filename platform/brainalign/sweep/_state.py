@@ -101,15 +101,10 @@ def end_running(experiment: str, study: str, status: str, uri: str) -> int:
     """End every run of ``study`` still ``RUNNING`` (trial and final runs whose processes Tune
     stopped on Ctrl-C or a failure cannot end their own) with ``status``; returns how many.
     A resumed study re-opens or replaces them (:func:`reconcile_runs`)."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return 0
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study}' and attributes.status = 'RUNNING'",
-                              max_results=1000)
-    for r in runs:
-        client.set_terminated(r.info.run_id, status=status)
-    return len(runs)
+    running = [r for r in find_runs(experiment, {"study": study}, uri) if r.info.status == "RUNNING"]
+    for r in running:
+        set_status(r.info.run_id, status, uri)
+    return len(running)
 
 
 def delete_run(run_id: str, uri: str) -> None:
