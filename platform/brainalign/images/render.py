@@ -234,7 +234,7 @@ def render_images(
     from PIL import Image
 
     rel = [f"images/{i}.png" for i in ids]
-    with atomic_dir(out, replace=True) as tmp:
+    with atomic_dir(out, kind="images", replace=True) as tmp:
         (tmp / "images").mkdir()
         for i, r in zip(ids, rel, strict=True):
             k = row[i]

@@ -355,10 +355,15 @@ def run_search(
             epochs=int(metrics.get("training_iteration", 0)),
             error=str(r.error or "")[:500],
         ))
-    scored = [t for t in summaries if not math.isnan(t.value)]
+    # An errored trial (e.g. diverged: NaN loss) never wins, whatever it reported before it failed.
+    scored = [t for t in summaries if not t.error and math.isfinite(t.value)]
     if not scored:
         errors = "; ".join(t.error.splitlines()[0] for t in summaries if t.error)[:2000]
-        raise RuntimeError(f"search {name}: no trial reported {space.metric}. Errors: {errors or 'none'}")
+        raise BrainalignError(
+            f"search {name}: no trial finished with a finite {space.metric} ({len(summaries)} trial(s), "
+            f"{sum(bool(t.error) for t in summaries)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
+            "narrow the search space's lr range if trials diverged) and re-run with --fresh."
+        )
     best_t = max(scored, key=lambda t: t.value) if space.mode == "max" else min(scored, key=lambda t: t.value)
     return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
                          best_trial_id=best_t.trial_id, trials=summaries)
