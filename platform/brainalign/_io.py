@@ -137,7 +137,7 @@ def check_writable(folder: Path, what: str) -> Path:
 def mark_owned(folder: Path, kind: str) -> None:
     """Write :data:`OWNER_FILE` naming ``kind`` into ``folder`` (which must exist)."""
     check_option("folder kind", kind, list(KINDS))
-    doc = {"kind": kind, "tool": "brainalign", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    doc = {"kind": kind, "tool": "brainalign"}  # no time stamp: identical inputs give identical folders
     (Path(folder) / OWNER_FILE).write_text(json.dumps(doc, sort_keys=True) + "\n")
 
 

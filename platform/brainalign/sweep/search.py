@@ -223,6 +223,28 @@ class SearchOutcome:
         return sum(bool(t.error) for t in self.trials)
 
 
+def select_best(trials: list[TrialSummary], metric: str, mode: str, name: str = "") -> TrialSummary:
+    """The best trial by ``metric``/``mode`` among those that finished without error.
+
+    An errored trial (e.g. one that diverged: ``NonFiniteError``) never wins, whatever it
+    reported before it failed, and neither does a non-finite value.
+
+    Raises
+    ------
+    BrainalignError
+        No trial finished with a finite value (the message lists the trials' errors).
+    """
+    scored = [t for t in trials if not t.error and math.isfinite(t.value)]
+    if not scored:
+        errors = "; ".join(t.error.splitlines()[0] for t in trials if t.error)[:2000]
+        raise BrainalignError(
+            f"search {name}: no trial finished with a finite {metric} ({len(trials)} trial(s), "
+            f"{sum(bool(t.error) for t in trials)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
+            "narrow the search space's lr range if trials diverged) and re-run with --fresh."
+        )
+    return max(scored, key=lambda t: t.value) if mode == "max" else min(scored, key=lambda t: t.value)
+
+
 def _tuner_fit(tuner: Any) -> tuple[Any, bool]:
     """``Tuner.fit()`` and whether it was interrupted.
 
@@ -355,16 +377,7 @@ def run_search(
             epochs=int(metrics.get("training_iteration", 0)),
             error=str(r.error or "")[:500],
         ))
-    # An errored trial (e.g. diverged: NaN loss) never wins, whatever it reported before it failed.
-    scored = [t for t in summaries if not t.error and math.isfinite(t.value)]
-    if not scored:
-        errors = "; ".join(t.error.splitlines()[0] for t in summaries if t.error)[:2000]
-        raise BrainalignError(
-            f"search {name}: no trial finished with a finite {space.metric} ({len(summaries)} trial(s), "
-            f"{sum(bool(t.error) for t in summaries)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
-            "narrow the search space's lr range if trials diverged) and re-run with --fresh."
-        )
-    best_t = max(scored, key=lambda t: t.value) if space.mode == "max" else min(scored, key=lambda t: t.value)
+    best_t = select_best(summaries, space.metric, space.mode, name)
     return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
                          best_trial_id=best_t.trial_id, trials=summaries)
 
