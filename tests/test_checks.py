@@ -7,7 +7,7 @@ import math
 import pytest
 
 from brainalign import BrainalignError, TrainConfig
-from brainalign._checks import check_name, check_range
+from brainalign._checks import check_range
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
@@ -50,6 +50,8 @@ def test_check_range_refuses_non_numbers() -> None:
     ],
 )
 def test_check_name_refuses_what_could_address_another_folder(name: str, why: str) -> None:
+    from brainalign._checks import check_name
+
     with pytest.raises(BrainalignError, match="is not allowed") as e:
         check_name("study name", name)
     assert why in str(e.value) and "plain name" in str(e.value)
@@ -57,6 +59,8 @@ def test_check_name_refuses_what_could_address_another_folder(name: str, why: st
 
 @pytest.mark.parametrize("name", ["mini", "mini-null", "cross-subject-mini", "nice__sim-clip__none", "v1.2", "01"])
 def test_check_name_accepts_plain_names(name: str) -> None:
+    from brainalign._checks import check_name
+
     assert check_name("study name", name) == name
 
 

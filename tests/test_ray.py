@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from brainalign import BrainalignError
-from brainalign._ray import check_resources
 
 LOOPBACK = ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]", "localhost")
 
@@ -54,6 +53,8 @@ def test_every_port_of_a_brainalign_ray_listens_on_loopback_only(ray_session: ob
 
 
 def test_check_resources_names_what_is_missing() -> None:
+    from brainalign._ray import check_resources
+
     cluster = {"CPU": 4.0}
     nodes = [{"CPU": 4.0}]
     check_resources(num_workers=2, cpus_per_worker=2.0, use_gpu=False, cluster=cluster, nodes=nodes)
@@ -71,6 +72,8 @@ def test_check_resources_names_what_is_missing() -> None:
 def test_check_resources_only_warns_on_an_autoscaling_cluster(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from brainalign._ray import check_resources
+
     monkeypatch.setenv("BRAINALIGN_AUTOSCALING", "1")
     check_resources(num_workers=8, cpus_per_worker=1.0, use_gpu=False, cluster={"CPU": 4.0}, nodes=[{"CPU": 4.0}])
     assert "waiting for the autoscaler" in caplog.text

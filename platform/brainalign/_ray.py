@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ._checks import BrainalignError
 
@@ -38,7 +39,6 @@ __all__ = [
     "LOCAL_HOST",
     "MIN_LOCAL_CPUS",
     "check_resources",
-    "dashboard_url",
     "ensure_ray",
     "loopback_only",
     "watch_resource_wait",
@@ -50,12 +50,6 @@ LOCAL_HOST = "127.0.0.1"
 #: Logical CPUs of a local instance at least (2-core machines deadlock Ray Data with fewer).
 MIN_LOCAL_CPUS = 4
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_dashboard: str | None = None
-
-
-def dashboard_url() -> str | None:
-    """``host:port`` of the dashboard of the Ray this process started or joined, if known."""
-    return _dashboard
 
 
 @contextlib.contextmanager
@@ -98,7 +92,6 @@ def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attem
         Ray did not start (or the cluster could not be reached) after ``attempts`` tries;
         the message says what was tried and what to do.
     """
-    global _dashboard
     import ray
 
     if ray.is_initialized():
@@ -110,7 +103,7 @@ def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attem
         try:
             if local:
                 with _loopback_only():
-                    ctx = ray.init(
+                    ray.init(
                         address="local",  # a new instance, never a stray cluster registered in /tmp/ray
                         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
                         include_dashboard=True,  # required: Train V2 cleans up stopped runs through it
@@ -121,8 +114,7 @@ def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attem
                     )
             else:
                 _probe(target)  # seconds, not Ray's minutes-long GCS timeout, for a wrong address
-                ctx = ray.init(address=target, configure_logging=False)
-            _dashboard = getattr(ctx, "dashboard_url", None) or None
+                ray.init(address=target, configure_logging=False)
             if attempt > 1:
                 log.info("Ray started on attempt %d", attempt)
             return
@@ -237,28 +229,28 @@ def check_resources(
     raise BrainalignError(msg)
 
 
-def _pending_demand() -> str:
+def _pending_groups() -> list[dict[str, Any]]:
+    """Placement groups waiting for resources (from the GCS: no dashboard needed, any process)."""
+    from ray.util.placement_group import placement_group_table
+
+    return [pg for pg in placement_group_table().values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
+
+
+def _pending_demand(pending: list[dict[str, Any]]) -> str:
     """What Ray is waiting for, in words (pending placement groups, free vs total)."""
     import ray
 
     parts = []
+    for pg in pending[:5]:
+        bundles = [dict(b) for b in dict(pg.get("bundles", {})).values()]
+        why = dict(pg.get("stats", {})).get("scheduling_state", "")
+        parts.append(f"placement group {pg.get('name') or str(pg.get('placement_group_id', ''))[:8]} needs "
+                     f"{bundles}" + (f" ({why})" if why else ""))
+    if len(pending) > 5:
+        parts.append(f"... and {len(pending) - 5} more pending placement groups")
     try:
-        from ray.util.state import list_placement_groups
-
-        addr = f"http://{_dashboard}" if _dashboard and "://" not in _dashboard else _dashboard
-        pending = list_placement_groups(address=addr, filters=[("state", "=", "PENDING")], detail=True,
-                                        raise_on_missing_output=False, timeout=10)
-        for pg in pending[:5]:
-            bundles = [{k: v for k, v in b.get("unit_resources", b).items() if not k.startswith("bundle_group")}
-                       for b in (pg.bundles or [])]
-            parts.append(f"placement group {pg.name or pg.placement_group_id[:8]} needs {bundles}")
-        if len(pending) > 5:
-            parts.append(f"... and {len(pending) - 5} more pending placement groups")
-    except Exception as e:  # the State API needs the dashboard; say what we can without it
-        parts.append(f"(pending placement groups unknown: {type(e).__name__})")
-    try:
-        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
-        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         parts.append(f"free {free} of {total}")
     except Exception as e:
         parts.append(f"(resources unknown: {type(e).__name__})")
@@ -269,9 +261,11 @@ def _pending_demand() -> str:
 def watch_resource_wait(what: str, *, after_s: float = 60.0, poll_s: float = 10.0) -> Iterator[None]:
     """Log what Ray waits for while the block runs, once a wait has lasted ``after_s`` seconds.
 
-    A watchdog thread polls the cluster every ``poll_s`` seconds. While some placement group
-    stays pending (Train worker groups are placement groups) for longer than ``after_s``, it
-    logs a warning naming the pending bundles and the free vs total resources, repeated every
+    A watchdog thread polls the GCS's placement-group table every ``poll_s`` seconds (Train
+    worker groups are placement groups; no dashboard needed, so it works in Tune trial
+    processes and against a remote ``RAY_ADDRESS``). While some placement group stays pending
+    for longer than ``after_s``, it logs a warning naming the pending bundles, Ray's
+    scheduling state (e.g. infeasible) and the free vs total resources, repeated every
     ``after_s``; a block that runs without waiting logs nothing.
 
     Parameters
@@ -285,21 +279,14 @@ def watch_resource_wait(what: str, *, after_s: float = 60.0, poll_s: float = 10.
     """
     stop = threading.Event()
 
-    def pending_count() -> int:
-        from ray.util.state import list_placement_groups
-
-        addr = f"http://{_dashboard}" if _dashboard and "://" not in _dashboard else _dashboard
-        return len(list_placement_groups(address=addr, filters=[("state", "=", "PENDING")],
-                                         raise_on_missing_output=False, timeout=10))
-
     def watch() -> None:
         waiting_since: float | None = None
         reported = 0.0
         while not stop.wait(poll_s):
             try:
-                pending = pending_count() > 0
+                pending = _pending_groups()
             except Exception:
-                pending = False
+                pending = []
             now = time.monotonic()
             if not pending:
                 waiting_since = None
@@ -308,7 +295,8 @@ def watch_resource_wait(what: str, *, after_s: float = 60.0, poll_s: float = 10.
             waited = now - waiting_since
             if waited >= after_s and now - reported >= after_s:
                 reported = now
-                log.warning("%s has waited %d s for Ray resources: %s", what, math.floor(waited), _pending_demand())
+                log.warning("%s has waited %d s for Ray resources: %s", what, math.floor(waited),
+                            _pending_demand(pending))
 
     thread = threading.Thread(target=watch, name="brainalign-ray-wait-watchdog", daemon=True)
     thread.start()

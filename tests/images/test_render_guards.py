@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from brainalign._io import owned_kind
 from brainalign.cli import main
 from brainalign.data.contract import open_dataset
 
@@ -37,6 +36,8 @@ def test_render_refuses_the_dataset_itself_and_folders_inside_it(
 
 
 def test_render_replaces_its_own_earlier_render(tiny_dataset: Path, tmp_path: Path) -> None:
+    from brainalign._io import owned_kind
+
     out = tmp_path / "render"
     assert main(["embed", "--render-simulated", str(tiny_dataset), "--out", str(out), "--render-size", "8"]) == 0
     assert owned_kind(out) == "images"

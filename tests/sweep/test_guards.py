@@ -8,7 +8,7 @@ import pytest
 
 from brainalign import BrainalignError
 from brainalign.sweep import load_study
-from brainalign.sweep.search import TrialSummary, select_best
+from brainalign.sweep.search import TrialSummary
 
 SPACE = """
 encoder = "nice"
@@ -43,6 +43,8 @@ def _study(tmp_path: Path, dataset: Path, name: str = "guards", space: str = SPA
 
 
 def test_an_errored_trial_is_never_the_best_whatever_it_reported() -> None:
+    from brainalign.sweep.search import select_best
+
     diverged = TrialSummary("t1", {"lr": 1e9}, value=1.0, epochs=1,
                             error="NonFiniteError: training diverged: the loss is nan at epoch 1")
     fine = TrialSummary("t2", {"lr": 1e-4}, value=0.2, epochs=2)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from brainalign._checks import BrainalignError
-from brainalign._io import STAGING_FILE, mark_owned
 from brainalign.cli import main
 from brainalign.data.contract import open_dataset
 from brainalign.data.ingest import ingest_nsd, ingest_things_eeg2
@@ -40,6 +39,8 @@ def test_a_failed_ingest_leaves_no_staging_folder(make_eeg2: Callable[..., EEG2R
 
 
 def test_stale_staging_of_an_earlier_ingest_is_swept(make_eeg2: Callable[..., EEG2Release], tmp_path: Path) -> None:
+    from brainalign._io import STAGING_FILE, mark_owned
+
     rel = make_eeg2("gifford", subjects=("01",))
     out = tmp_path / "ds"
     ours = tmp_path / ".ds.ingest-0123456789abcdef"  # an earlier ingest with other inputs, process gone
