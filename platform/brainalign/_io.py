@@ -80,6 +80,7 @@ KINDS: dict[str, str] = {
     "study-storage": "a study's Ray storage folder (Tune experiments, sweep state)",
     "report": "a study report folder under $BRAINALIGN_HOME/reports",
     "ingest-staging": "per-subject staging of an ingest (beside its --out)",
+    "tables": "a folder of embedding tables (<backbone>__<alignment>.parquet)",
 }
 #: A staging folder whose writer cannot be checked (another host) is stale after this long.
 STALE_AFTER_S = 2 * 24 * 3600.0
@@ -159,6 +160,9 @@ def _legacy_kind(folder: Path) -> str | None:
             return "study-storage"
     if (folder / "render.json").is_file() and (folder / "images.parquet").is_file():
         return "images"
+    children = [c for c in folder.iterdir() if not c.name.startswith(".")]
+    if children and all(c.is_file() and re.fullmatch(r"[^_].*__.+\.parquet", c.name) for c in children):
+        return "tables"  # e.g. a dataset's embeddings/ folder
     if re.fullmatch(r"\..+\.ingest-[0-9a-f]{16}", folder.name):
         subs = list(folder.iterdir())
         if subs and all(c.is_dir() and c.name.startswith(("sub-", ".sub-")) for c in subs):
@@ -171,7 +175,7 @@ def owned_kind(folder: Path) -> str | None:
 
     Read from :data:`OWNER_FILE`; folders written before markers existed are recognised by
     their own bookkeeping files (a dataset's ``dataset.json``, a study's ``sweep_state.json``,
-    a render's ``render.json``).
+    a render's ``render.json``, a folder holding only ``<backbone>__<alignment>.parquet`` tables).
     """
     folder = Path(folder)
     marker = folder / OWNER_FILE

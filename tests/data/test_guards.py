@@ -122,3 +122,10 @@ def test_a_nan_table_row_is_refused_when_training_loads_it(tiny_dataset: Path, t
     cfg = TrainConfig.from_flat({"data.path": str(root), "data.image_table": "sim-clip:simulated"})
     with pytest.raises(BrainalignError, match=r"1 vector\(s\) with NaN or Inf.*" + str(t.image_ids[3])):
         load_table_for(cfg)
+
+
+def test_an_output_path_that_cannot_be_written_is_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-file").write_text("x")
+    code = main(["data", "simulate", "--preset", "tiny", "--out", str(tmp_path / "a-file" / "sim")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write" in err and "writable folder" in err, err

@@ -43,3 +43,25 @@ def test_render_replaces_its_own_earlier_render(tiny_dataset: Path, tmp_path: Pa
     assert owned_kind(out) == "images"
     assert main(["embed", "--render-simulated", str(tiny_dataset), "--out", str(out), "--render-size", "16"]) == 0
     assert owned_kind(out) == "images" and (out / "images.parquet").is_file()
+
+
+def test_embed_never_writes_tables_into_a_folder_that_is_not_for_tables(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from brainalign.images import embed_catalog
+
+    from .conftest import make_catalog
+
+    catalog = make_catalog(tmp_path / "cat", n_synthetic=0)
+    out = tmp_path / "Documents"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(Exception, match="refusing to write into .*no brainalign marker") as e:
+        embed_catalog(catalog, ["tiny-clip:none"], out, weights=tiny_weights)
+    assert type(e.value).__name__ == "BrainalignError"
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    (out / "thesis.tex").unlink()
+    (out / "foreign__table.parquet").write_bytes(b"PAR1 not ours")
+    from brainalign._io import owned_kind
+
+    assert owned_kind(out) == "tables"  # a folder of tables (e.g. a dataset's embeddings/) is fine

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .._checks import BrainalignError
-from .._io import sha256_file
+from .._io import claim_dir, sha256_file
 from .._ray import ensure_ray
 from ..data.contract import CATALOG, read_catalog, read_table_meta, table_filename, write_embedding_table
 from ._registry import ModelSpec, Preprocess, build_runner, resolve_encoders
@@ -459,7 +459,7 @@ def embed_catalog(
     root = weights_root(weights)
     files = resolve_weight_files(requests, root)
     cat_file = catalog_path(catalog)
-    out = paths.resolve(out_dir)
+    out = claim_dir(paths.resolve(out_dir), "tables")  # never writes into a folder that is not for tables
     ids, img_files = _catalog_images(cat_file, paths.resolve(images_root) if images_root else None)
     report = EmbedReport(n_images=len(ids))
     log.info("Catalog %s: %d images; hashing them", cat_file, len(ids))
