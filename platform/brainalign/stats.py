@@ -558,7 +558,7 @@ def mixed_model(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float
     import statsmodels.formula.api as smf
     from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
-    label = "run-level LMM: y ~ arm + (1 + arm | subject), REML, Wald z"
+    label = "run-level LMM: y ~ arm, random subject intercept + arm effect (REML, Wald z)"
     rows = [(s, 1, float(v)) for s in sorted(a) for v in a[s]] + [(s, 0, float(v)) for s in sorted(b) for v in b[s]]
     df = pd.DataFrame(rows, columns=["subject", "arm", "y"])
     n_subjects = int(df["subject"].nunique())
