@@ -267,6 +267,13 @@ def test_mixed_model_equals_statsmodels() -> None:
     assert m.estimate == pytest.approx(c.mean_difference, abs=1e-6)
     single = S.mixed_model({k: v[:1] for k, v in a.items()}, {k: v[:1] for k, v in b.items()})
     assert math.isnan(single.p) and "one run per subject" in single.note
+    # no subject structure at all: the fit hits the boundary and does not converge; its
+    # standard error is not trusted, so only the estimate is kept
+    flat_a = {str(i): list(np.random.default_rng(i).normal(0.5, 0.1, 3)) for i in range(10)}
+    flat_b = {str(i): list(np.random.default_rng(100 + i).normal(0.5, 0.1, 3)) for i in range(10)}
+    flat = S.mixed_model(flat_a, flat_b)
+    assert not flat.converged and math.isnan(flat.p) and math.isnan(flat.se) and math.isfinite(flat.estimate)
+    assert flat.note.startswith("did not converge")
 
 
 # ----------------------------------------------------------------------------- families, stars

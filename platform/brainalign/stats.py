@@ -552,7 +552,7 @@ def mixed_model(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float
     -------
     MixedModelResult
         NaN with a note when it cannot be fitted (fewer than 3 subjects, one run per subject
-        and arm, a singular or failed fit).
+        and arm, a singular or failed fit); an unconverged fit keeps its estimate only.
     """
     import pandas as pd
     import statsmodels.formula.api as smf
@@ -580,15 +580,16 @@ def mixed_model(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float
         except (ValueError, np.linalg.LinAlgError) as e:
             return nan(f"fit failed: {e}")
     converged = bool(getattr(fit, "converged", False))
-    warned = sorted({str(w.message).split("\n")[0] for w in caught if issubclass(w.category, (ConvergenceWarning,
-                                                                                                RuntimeWarning))})
+    warned = list(dict.fromkeys(str(w.message).split("\n")[0] for w in caught
+                                if issubclass(w.category, (ConvergenceWarning, RuntimeWarning))))
     est, se, p = float(fit.params["arm"]), float(fit.bse["arm"]), float(fit.pvalues["arm"])
+    if not converged:
+        # an unconverged fit's standard error is not to be trusted: keep only the estimate
+        return MixedModelResult(label, est, NAN, NAN, NAN, n_runs, n_subjects, False,
+                                "did not converge: " + "; ".join(warned[:2]))
     if not (math.isfinite(se) and se > 0 and math.isfinite(p)):
         return nan("singular fit: the arm effect's standard error is not finite", converged)
-    note = "; ".join(warned)
-    if not converged:
-        note = ("did not converge; " + note).rstrip("; ")
-    return MixedModelResult(label, est, se, est / se, p, n_runs, n_subjects, converged, note)
+    return MixedModelResult(label, est, se, est / se, p, n_runs, n_subjects, converged, "; ".join(warned[:2]))
 
 
 # ----------------------------------------------------------------------------- comparison
