@@ -2,12 +2,15 @@
 
 The stored data keep every repetition. A run needs, per its config: the training subjects'
 train epochs (repetition-averaged or single trials, optionally normalized per repetition),
-split by IMAGE into train and validation (a seeded fraction of the training images, the
-same images for every subject, so no validation image is ever seen in training through
-another subject), and the evaluation subjects' test epochs averaged over repetitions.
+split into train and validation, and the evaluation subjects' test epochs averaged over
+repetitions. The validation split (``data.val_split``) is a seeded fraction of the training
+IMAGES (``"image"``, the default) or of the training CONCEPTS with all their images
+(``"concept"``: validation concepts are novel, as test concepts are); either way it is the
+same for every subject, so no validation image is ever seen in training through another
+subject.
 
 Prepared train/val data are written once per (dataset fingerprint, subjects, trial mode,
-normalization, split seed) under ``$BRAINALIGN_CACHE/prepared/<key>/`` as Parquet with
+normalization, split fraction, split mode, split seed) under ``$BRAINALIGN_CACHE/prepared/<key>/`` as Parquet with
 columns ``image_index`` (row in the image catalog), ``subject_index`` (position in the
 training subjects) and ``epoch`` (fixed-shape tensor), which Ray Data reads directly.
 """
@@ -38,6 +41,7 @@ __all__ = [
     "normalize_epochs",
     "planned_sizes",
     "prepare",
+    "split_concepts",
     "split_images",
 ]
 
@@ -76,6 +80,64 @@ def split_images(image_ids: list[str], fraction: float, seed: int) -> tuple[list
     return [i for i in ids if i not in val_set], val
 
 
+def split_concepts(
+    image_ids: list[str], concepts: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded split by CONCEPT: ``round(fraction * n_concepts)`` concepts (at least one, at
+    most all but one) go to validation with every one of their images.
+
+    Parameters
+    ----------
+    image_ids, concepts : list of str
+        Training images and the concept of each (same length; repetitions may repeat ids).
+    fraction : float
+        Share of the concepts held out.
+    seed : int
+        Split seed.
+
+    Returns
+    -------
+    train, val : list of str
+        Sorted unique image ids.
+    """
+    if len(image_ids) != len(concepts):
+        raise BrainalignError(f"split_concepts got {len(image_ids)} image ids but {len(concepts)} concepts.")
+    concept_of = dict(zip(image_ids, concepts, strict=True))
+    names = sorted(set(concept_of.values()))
+    if len(names) < 2:
+        raise BrainalignError(
+            f"data.val_split='concept' needs at least 2 training concepts, found {len(names)}; "
+            "use data.val_split='image'."
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0C0]))
+    perm = rng.permutation(len(names))
+    n_val = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
+    val_concepts = {names[i] for i in perm[:n_val]}
+    ids = sorted(concept_of)
+    return [i for i in ids if concept_of[i] not in val_concepts], [i for i in ids if concept_of[i] in val_concepts]
+
+
+def _train_concepts(ds: BrainDataset) -> list[str]:
+    """Concept of every training image (catalog order); refuse if the dataset has none."""
+    cat = ds.catalog
+    splits = cat.column("split").to_pylist()
+    ids = [i for i, s in zip(cat.column("image_id").to_pylist(), splits, strict=True) if s == "train"]
+    concepts = [c for c, s in zip(cat.column("concept").to_pylist(), splits, strict=True) if s == "train"]
+    missing = [i for i, c in zip(ids, concepts, strict=True) if not c]
+    if missing:
+        raise BrainalignError(
+            f"data.val_split='concept': dataset {ds.root} has no concept for {len(missing)} training image(s), "
+            f"e.g. {missing[:3]}. Record each image's concept in images.parquet (docs/data-contract.md) or use "
+            "data.val_split='image'."
+        )
+    if len(set(concepts)) == len(ids):
+        raise BrainalignError(
+            f"data.val_split='concept': dataset {ds.root} has no concept information (every training image is its "
+            "own concept, as in NSD), so a concept split would only be an image split. Use data.val_split='image'."
+        )
+    return concepts
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """Where a run's prepared train/val Parquet and image embeddings are."""
@@ -87,6 +149,7 @@ class PreparedData:
     n_val_rows: int
     train_images: tuple[str, ...]
     val_images: tuple[str, ...]
+    val_split: str = "image"
 
     @property
     def train_dir(self) -> Path:
@@ -100,7 +163,8 @@ class PreparedData:
 def _key(ds: BrainDataset, cfg: TrainConfig) -> str:
     d = cfg.data
     blob = json.dumps(
-        [PREPARE_VERSION, ds.fingerprint, list(d.subjects), d.train_trials, d.normalize, d.val_fraction, cfg.seed]
+        [PREPARE_VERSION, ds.fingerprint, list(d.subjects), d.train_trials, d.normalize, d.val_fraction, cfg.seed,
+         d.val_split]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -140,17 +204,23 @@ def _write_rows(path: Path, image_index: np.ndarray, subject_index: np.ndarray, 
     pq.write_table(tbl, path, row_group_size=1024)
 
 
-def planned_sizes(ds: BrainDataset, subjects: tuple[str, ...], *, train_trials: str,
-                  val_fraction: float) -> tuple[int, int]:
-    """``(training rows at most, validation images)`` of a run, from the manifest alone.
+def planned_sizes(ds: BrainDataset, subjects: tuple[str, ...], *, train_trials: str, val_fraction: float,
+                  val_split: str = "image", seed: int = 0) -> tuple[int, int]:
+    """``(training rows at most, validation images)`` of a run, from the catalog and manifest alone.
 
-    The validation images are exactly those :func:`split_images` will draw (their number
-    depends only on the catalog and ``val_fraction``). The training rows are an upper bound
-    (every training subject saw every training image, every trial file counted): a batch
-    larger than it can never be filled, whatever the data hold.
+    The validation images are exactly those :func:`split_images` / :func:`split_concepts`
+    will draw. The training rows are an upper bound (every training subject saw every
+    training image, every trial file counted): a batch larger than it can never be filled,
+    whatever the data hold.
     """
-    n_img = len(ds.image_ids("train"))
-    n_val = max(1, int(round(val_fraction * n_img))) if n_img else 0
+    train_ids = ds.image_ids("train")
+    n_img = len(train_ids)
+    if not n_img:
+        n_val = 0
+    elif val_split == "concept":
+        n_val = len(split_concepts(train_ids, _train_concepts(ds), val_fraction, seed)[1])
+    else:
+        n_val = max(1, int(round(val_fraction * n_img)))
     if train_trials == "average":
         return max(0, n_img - n_val) * len(subjects), n_val
     rows = 0
@@ -224,7 +294,10 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         return PreparedData(root=root, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.items()})
 
     train_ids_all = ds.image_ids("train")
-    train_imgs, val_imgs = split_images(train_ids_all, cfg.data.val_fraction, cfg.seed)
+    if cfg.data.val_split == "concept":
+        train_imgs, val_imgs = split_concepts(train_ids_all, _train_concepts(ds), cfg.data.val_fraction, cfg.seed)
+    else:
+        train_imgs, val_imgs = split_images(train_ids_all, cfg.data.val_fraction, cfg.seed)
     val_set = set(val_imgs)
     index = ds.image_index()
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5EED]))
@@ -262,6 +335,7 @@ def prepare(cfg: TrainConfig) -> PreparedData:
             "n_val_rows": n_val,
             "train_images": train_imgs,
             "val_images": val_imgs,
+            "val_split": cfg.data.val_split,
         }
         (tmp / "prepared.json").write_text(json.dumps(info))
     log.info("prepared %d train / %d val rows in %s", n_train, n_val, root)

@@ -874,10 +874,14 @@ def _check_sizes(study: Study, ds: Any) -> None:
 
     batch = max(int(b) for b in _candidates(study, "batch_size"))
     fractions = [float(v) for v in _candidates(study, "data.val_fraction")]
+    splits = {str(v) for v in _candidates(study, "data.val_split")}
+    seeds = {study.seed, *study.final_seeds} if "concept" in splits else {study.seed}
     for subject in study.subjects:
         for trials in {str(t) for t in _candidates(study, "data.train_trials")}:
-            for vf in {min(fractions), max(fractions)}:
-                rows, n_val = planned_sizes(ds, (subject,), train_trials=trials, val_fraction=vf)
+            for vf, split, seed in {(f, sp, sd) for f in (min(fractions), max(fractions)) for sp in splits
+                                    for sd in seeds}:
+                rows, n_val = planned_sizes(ds, (subject,), train_trials=trials, val_fraction=vf, val_split=split,
+                                            seed=seed)
                 try:
                     check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=batch,
                                 num_workers=study.resources.workers_per_trial, val_fraction=vf,

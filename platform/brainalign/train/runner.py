@@ -113,7 +113,7 @@ def run_training(
     check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
     where = f"data.subjects {list(cfg.data.subjects)} of {cfg.data.path}"
     rows, n_val = planned_sizes(ds, cfg.data.subjects, train_trials=cfg.data.train_trials,
-                                val_fraction=cfg.data.val_fraction)
+                                val_fraction=cfg.data.val_fraction, val_split=cfg.data.val_split, seed=cfg.seed)
     check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                 val_fraction=cfg.data.val_fraction, where=where, planned=True)
     check_writable(cache_dir(), "the cache (BRAINALIGN_CACHE, default $BRAINALIGN_HOME/cache)")
