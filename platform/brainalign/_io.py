@@ -160,6 +160,8 @@ def _legacy_kind(folder: Path) -> str | None:
             return "study-storage"
     if (folder / "render.json").is_file() and (folder / "images.parquet").is_file():
         return "images"
+    if (folder / "prepared.json").is_file() and (folder / "train").is_dir():
+        return "prepared"
     children = [c for c in folder.iterdir() if not c.name.startswith(".")]
     if children and all(c.is_file() and re.fullmatch(r"[^_].*__.+\.parquet", c.name) for c in children):
         return "tables"  # e.g. a dataset's embeddings/ folder
