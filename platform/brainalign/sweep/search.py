@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import BrainalignError
+from .._ray import watch_resource_wait
 from ..config import TrainConfig
 from .study import ParamSpec, Resources, SearchSpace
 
@@ -258,7 +259,8 @@ def _tuner_fit(tuner: Any) -> tuple[Any, bool]:
     watch = main and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
     before = signal.getsignal(signal.SIGINT) if main else None
     try:
-        results = tuner.fit()
+        with watch_resource_wait("the Tune experiment"):  # logs what a long wait for resources waits for
+            results = tuner.fit()
     finally:
         after = signal.getsignal(signal.SIGINT) if main else None
         if main:
