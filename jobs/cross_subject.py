@@ -57,7 +57,7 @@ from types import FrameType
 from typing import Any
 
 from brainalign import paths, tracking
-from brainalign._checks import BrainalignError, check_option, check_type
+from brainalign._checks import BrainalignError, check_name, check_option, check_type
 from brainalign.config import TrainConfig, flatten_toml, parse_overrides
 from brainalign.data.contract import open_dataset
 from brainalign.data.prepare import check_subjects, load_table_for
@@ -374,8 +374,8 @@ def load_study(path: str | Path, *, data: str | None = None, sets: Sequence[str]
             table_configs[table] = {k: v for k, v in flat.items() if k not in overrides}
             base.with_overrides(table_configs[table])  # validated now, before any run
     return Study(
-        name=str(st.get("name", p.stem)),
-        experiment=experiment or str(st.get("experiment", "brainalign-cross-subject")),
+        name=check_name("[study] name", str(st.get("name", p.stem))),  # part of Ray storage names
+        experiment=check_name("experiment", experiment or str(st.get("experiment", "brainalign-cross-subject"))),
         subjects=pool,
         seeds=tuple(dict.fromkeys(seed_list)),
         pairs=pair_list,

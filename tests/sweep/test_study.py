@@ -21,7 +21,7 @@ metric = "val_top1_best"
 mode = "max"
 [params]
 lr = { float = [1e-5, 1e-3], log = true }
-batch_size = { choice = [64, 128] }
+batch_size = { choice = [32, 64] }
 """
 
 STUDY = """
@@ -78,7 +78,7 @@ def test_valid_study_parses(tmp_path: Path) -> None:
         (("final_seeds = 2", "final_seeds = 0"), r"final_seeds must be >= 1"),
         (("final_seeds = 2", "final_seeds = [1, 1]"), r"final_seeds has duplicates"),
         (("workers_per_trial = 1", "trial_cpus = 0"), r"trial_cpus must be > 0 \(Ray refuses a 0-CPU trial\)"),
-        (('name = "unit"', 'name = "a b"'), r"may only hold letters"),
+        (('name = "unit"', 'name = "a b"'), r"\[study\] name 'a b' is not allowed.*plain name"),
         (("[config]\nbatch_size = 16", "[config]\nwarmup_epochs = 6"), r"\[config\] \(with max_epochs = 4\) is invalid: warmup_epochs must be in \[0, 3\]"),
     ],
 )

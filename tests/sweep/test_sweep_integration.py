@@ -254,7 +254,9 @@ def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
         reported = False
         while time.monotonic() < deadline and proc.poll() is None and not reported:
             time.sleep(2)
-            if (home / "mlruns" / "mlflow.db").exists():
+            # the state file is written after the driver created (and migrated) the MLflow DB: opening
+            # a client on a DB still being migrated races the driver (alembic "table already exists")
+            if (home / "ray_results" / "sweep-int" / "sweep_state.json").exists():
                 try:
                     trials = [r for r in _runs(home, "sweep-int") if r.data.tags.get("role") == "trial"]
                 except Exception:  # the experiment is not created yet

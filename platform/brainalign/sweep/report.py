@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .._io import claim_dir
+
 __all__ = [
     "ComparisonStats",
     "FinalRow",
@@ -412,7 +414,7 @@ def write_report(rows: Sequence[FinalRow], out_dir: Path, *, title: str,
     -------
     Report
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(out_dir, "report")  # created and marked; never writes into a folder that is not a report
     stats = [s for m in METRICS for s in compare(rows, m)]
     stats.sort(key=lambda s: (s.encoder, s.backbone, s.metric))
     md = render_markdown(stats, title)

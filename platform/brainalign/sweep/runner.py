@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from .. import paths, tracking
 from .._checks import BrainalignError, check_option
+from .._io import claim_dir, remove_owned
 from . import _state
 from .finals import final_rows, plan_finals
 from .report import Report, write_report
@@ -288,13 +288,14 @@ def run_study(study: Study, *, mode: str = "auto", verbose: int = 1) -> StudyOut
     state_path = storage / "sweep_state.json"
     if mode == "fresh" and storage.exists():
         log.info("--fresh: removing %s", storage)
-        shutil.rmtree(storage)
+        remove_owned(storage, "study-storage")  # only a study folder this tool created
     state = _state.StudyState.load(state_path, study.name, study.fingerprint())
     if state is None and mode == "resume":
         raise BrainalignError(f"nothing to resume for study {study.name}: {state_path} does not exist.")
 
     ensure_dataset(study)
     validate_data(study)
+    claim_dir(storage, "study-storage")  # refuses a non-empty folder that is not this tool's
     uri = tracking.tracking_uri()
     tracking.ensure_experiment(study.name, uri)  # created once, here, before any trial process
     ensure_ray()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import BrainalignError
+from .._ray import watch_resource_wait
 from ..config import TrainConfig
 from .study import ParamSpec, Resources, SearchSpace
 
@@ -223,6 +224,28 @@ class SearchOutcome:
         return sum(bool(t.error) for t in self.trials)
 
 
+def select_best(trials: list[TrialSummary], metric: str, mode: str, name: str = "") -> TrialSummary:
+    """The best trial by ``metric``/``mode`` among those that finished without error.
+
+    An errored trial (e.g. one that diverged: ``NonFiniteError``) never wins, whatever it
+    reported before it failed, and neither does a non-finite value.
+
+    Raises
+    ------
+    BrainalignError
+        No trial finished with a finite value (the message lists the trials' errors).
+    """
+    scored = [t for t in trials if not t.error and math.isfinite(t.value)]
+    if not scored:
+        errors = "; ".join(t.error.splitlines()[0] for t in trials if t.error)[:2000]
+        raise BrainalignError(
+            f"search {name}: no trial finished with a finite {metric} ({len(trials)} trial(s), "
+            f"{sum(bool(t.error) for t in trials)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
+            "narrow the search space's lr range if trials diverged) and re-run with --fresh."
+        )
+    return max(scored, key=lambda t: t.value) if mode == "max" else min(scored, key=lambda t: t.value)
+
+
 def _tuner_fit(tuner: Any) -> tuple[Any, bool]:
     """``Tuner.fit()`` and whether it was interrupted.
 
@@ -236,7 +259,8 @@ def _tuner_fit(tuner: Any) -> tuple[Any, bool]:
     watch = main and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
     before = signal.getsignal(signal.SIGINT) if main else None
     try:
-        results = tuner.fit()
+        with watch_resource_wait("the Tune experiment"):  # logs what a long wait for resources waits for
+            results = tuner.fit()
     finally:
         after = signal.getsignal(signal.SIGINT) if main else None
         if main:
@@ -355,11 +379,7 @@ def run_search(
             epochs=int(metrics.get("training_iteration", 0)),
             error=str(r.error or "")[:500],
         ))
-    scored = [t for t in summaries if not math.isnan(t.value)]
-    if not scored:
-        errors = "; ".join(t.error.splitlines()[0] for t in summaries if t.error)[:2000]
-        raise RuntimeError(f"search {name}: no trial reported {space.metric}. Errors: {errors or 'none'}")
-    best_t = max(scored, key=lambda t: t.value) if space.mode == "max" else min(scored, key=lambda t: t.value)
+    best_t = select_best(summaries, space.metric, space.mode, name)
     return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
                          best_trial_id=best_t.trial_id, trials=summaries)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import BrainalignError, suggest
+from .._checks import BrainalignError, check_name, suggest
 from ..config import TrainConfig, flatten_toml
 from ..paths import resolve
 
@@ -660,9 +660,7 @@ def load_study(path: str | Path) -> Study:
         raise BrainalignError(f"{where}: [study] must be a table.")
     _unknown(f"{where}: [study]", st, _STUDY_KEYS)
     w = f"{where}: [study]"
-    name = _str(f"{w} name", _need(w, st, "name"))
-    if not all(c.isalnum() or c in "-_." for c in name):
-        raise BrainalignError(f"{w} name {name!r} may only hold letters, digits, '-', '_' and '.'.")
+    name = check_name(f"{w} name", _need(w, st, "name"))  # a folder name: never '.', '..' or a path
     dataset = _str(f"{w} dataset", _need(w, st, "dataset"))
 
     simulate = parse_simulate(w, st["simulate"]) if "simulate" in st else None
@@ -837,6 +835,7 @@ def validate_data(study: Study) -> None:
     ds = open_dataset(study.dataset_path)
     tables = ds.tables()
     _check_contents(study, ds.meta.subjects, tables, f"dataset {ds.root}")
+    _check_sizes(study, ds)
     dims = {t: int(read_table_meta(tables[t])["dim"]) for p in study.pairs for t in (p.aligned_table, p.base_table)}
     arch_base = {k[5:]: v for k, v in study.config.items() if k.startswith("arch.")}
     for enc in study.encoders:
@@ -853,4 +852,42 @@ def validate_data(study: Study) -> None:
                     raise BrainalignError(
                         f"study {study.name}: encoder {enc.name!r}{what} cannot take the epochs of {ds.root} "
                         f"({ds.meta.n_chans} channels x {ds.meta.n_times} samples): {e}"
+                    ) from None
+
+
+def _candidates(study: Study, key: str) -> list[Any]:
+    """Every value ``key`` can take in the study's runs: searched choices/bounds, else the base."""
+    base = TrainConfig.from_flat(dict(study.config) | {"epochs": study.max_epochs}).to_flat()[key]
+    values = [base]
+    for enc in study.encoders:
+        for p in enc.space.params:
+            if p.name == key:
+                values += p.candidates()
+    return values
+
+
+def _check_sizes(study: Study, ds: Any) -> None:
+    """The same size bounds a run checks (``data.prepare.check_sizes``), for every subject of
+    the study and the worst case of the search space: the largest batch_size choice against
+    the smallest training set, the smallest val_fraction against the top-k."""
+    from ..data.prepare import check_sizes, planned_sizes
+
+    batch = max(int(b) for b in _candidates(study, "batch_size"))
+    fractions = [float(v) for v in _candidates(study, "data.val_fraction")]
+    splits = {str(v) for v in _candidates(study, "data.val_split")}
+    seeds = {study.seed, *study.final_seeds} if "concept" in splits else {study.seed}
+    for subject in study.subjects:
+        for trials in {str(t) for t in _candidates(study, "data.train_trials")}:
+            for vf, split, seed in {(f, sp, sd) for f in (min(fractions), max(fractions)) for sp in splits
+                                    for sd in seeds}:
+                rows, n_val = planned_sizes(ds, (subject,), train_trials=trials, val_fraction=vf, val_split=split,
+                                            seed=seed)
+                try:
+                    check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=batch,
+                                num_workers=study.resources.workers_per_trial, val_fraction=vf,
+                                where=f"sub-{subject} of {ds.root}", planned=True)
+                except BrainalignError as e:
+                    raise BrainalignError(
+                        f"study {study.name}: {e} (the largest batch_size of the study and its search spaces is "
+                        f"{batch}; data.val_fraction {vf:g}, data.train_trials {trials!r})"
                     ) from None

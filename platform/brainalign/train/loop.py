@@ -19,14 +19,57 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import BrainalignError
 from ..config import TrainConfig
 from ..encoders import create_encoder, encoder_info
 from ..losses import SymmetricInfoNCE
 from ..metrics import topk_accuracy
 
-__all__ = ["EarlyStopping", "Run", "build_run", "cosine_lr", "encode", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EarlyStopping",
+    "NonFiniteError",
+    "Run",
+    "build_run",
+    "check_finite_weights",
+    "cosine_lr",
+    "encode",
+    "evaluate",
+    "train_one_epoch",
+]
 
 Batch = Mapping[str, torch.Tensor]
+#: With AMP's GradScaler an inf/NaN step is skipped and the scale lowered; this many in a row
+#: means the run itself diverged (a fresh scaler needs ~16 skips to come down from 2**16).
+MAX_SKIPPED_AMP_STEPS = 32
+
+
+class NonFiniteError(BrainalignError):
+    """Training produced a NaN or Inf loss or weight: the run has diverged and must not score.
+
+    Raised at the first non-finite loss (or weights after a step), naming the epoch, the
+    batch, the learning rate and the temperature, and the likely causes. A run that raises it
+    ends FAILED in MLflow; in a search the trial errors and is never selected.
+    """
+
+
+def _diverged(run: Run, what: str, batch: int | None, lr: float) -> NonFiniteError:
+    where = f"epoch {run.epoch}" + (f", batch {batch}" if batch is not None else " (after its last step)")
+    return NonFiniteError(
+        f"training diverged: {what} at {where} (lr {lr:.3g}, temperature {run.loss_fn.temperature:.3g}, "
+        f"batch_size {run.cfg.batch_size}). Likely causes: a learning rate too high for this model (try "
+        "lr 10x lower, warmup_epochs > 0 or grad_clip > 0), a temperature too small, or non-finite / "
+        "extreme values in the data or the embedding table (`brainalign data validate`). The run is "
+        "marked FAILED; its metrics are not results."
+    )
+
+
+def check_finite_weights(run: Run, lr: float, batch: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` if any parameter of the model (or the loss) is NaN/Inf."""
+    for name, p in list(run.model.named_parameters()) + list(run.loss_fn.named_parameters()):
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise _diverged(run, f"parameter {name!r} became NaN/Inf", batch, lr)
+
+
 #: Rows per chunk of the validation loss (memory only: the value is the full-set loss).
 EVAL_CHUNK = 1024
 
@@ -144,7 +187,8 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
         g["lr"] = lr
     run.model.train()
     total, n = 0.0, 0
-    for batch in batches:
+    skipped = 0  # consecutive AMP steps the GradScaler skipped (inf/NaN gradients)
+    for b, batch in enumerate(batches):
         x, idx, sid = _to(run, batch)
         if x.shape[0] < 2:
             continue  # InfoNCE needs negatives
@@ -152,6 +196,13 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
         with torch.autocast(run.device.type, enabled=run.amp):
             z = _forward(run, x, sid)
         loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            if run.scaler is None or skipped >= MAX_SKIPPED_AMP_STEPS:
+                raise _diverged(run, f"the loss is {value}", b, lr)
+            skipped += 1  # fp16 overflow: the scaler skips this step and lowers its scale
+        else:
+            skipped = 0
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
@@ -165,8 +216,15 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
             run.scaler.update()
         else:
             run.optimizer.step()
-        total += float(loss.detach()) * x.shape[0]
-        n += x.shape[0]
+        if math.isfinite(value):
+            total += value * x.shape[0]
+            n += x.shape[0]
+    check_finite_weights(run, lr)
+    if n == 0 and skipped == 0:
+        raise BrainalignError(
+            f"epoch {run.epoch} trained on 0 samples: no full batch of batch_size {run.cfg.batch_size} "
+            "(drop_last) in this worker's training rows. Lower batch_size or num_workers, or use more data."
+        )
     run.epoch += 1
     return {
         "train_loss": total / max(n, 1),

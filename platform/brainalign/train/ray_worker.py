@@ -9,6 +9,7 @@ by the VALIDATION selection metric are attached as a checkpoint to the last repo
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from .loop import EarlyStopping, build_run, evaluate, train_one_epoch
+from .loop import EarlyStopping, NonFiniteError, build_run, evaluate, train_one_epoch
 
 __all__ = ["train_loop_per_worker"]
 
@@ -82,6 +83,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         metrics = train_one_epoch(run, batches)
         metrics |= evaluate(run, vx, vi, vs)
+        if not math.isfinite(metrics["val_loss"]):  # finite weights, NaN on validation data: never select it
+            raise NonFiniteError(
+                f"the validation loss is {metrics['val_loss']} at epoch {epoch} (lr {metrics['lr']:.3g}, temperature "
+                f"{metrics['temperature']:.3g}): the model produces NaN/Inf on the validation epochs. Check them "
+                "(`brainalign data validate`) or lower the learning rate. The run is marked FAILED."
+            )
         stopper.update(run, metrics)
         metrics |= {"epoch": epoch, "best_epoch": stopper.best_epoch, "val_top1_best": stopper.best_top1}
         last = epoch == cfg.epochs - 1 or stopper.should_stop

@@ -22,16 +22,27 @@ import numpy as np
 import torch
 
 from .. import tracking
-from .._checks import BrainalignError
-from .._io import atomic_file
+from .._checks import BrainalignError, check_name
+from .._io import atomic_file, check_writable
+from .._ray import check_resources, ensure_ray, loopback_only, watch_resource_wait
 from ..config import TrainConfig
 from ..data.contract import open_dataset
-from ..data.prepare import catalog_embeddings, check_subjects, load_table_for, load_test, prepare
+from ..data.prepare import (
+    catalog_embeddings,
+    check_sizes,
+    check_subjects,
+    load_table_for,
+    load_test,
+    planned_sizes,
+    prepare,
+)
 from ..data.validate import require_valid
 from ..metrics import retrieval_ranks
-from ..paths import ray_storage
+from ..paths import cache_dir, home, ray_storage
 from .loop import build_run, encode
 
+# ``ensure_ray`` lives in brainalign._ray (the only module that calls ray.init); it is
+# re-exported here for existing callers.
 __all__ = ["TrainResult", "ensure_ray", "run_tags", "run_training"]
 
 log = logging.getLogger(__name__)
@@ -46,29 +57,6 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
     checkpoint: Path | None = None
-
-
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray with the dashboard.
-
-    Locally we declare at least 4 logical CPUs: a Tune trial, a Train worker and Ray Data
-    each need a whole logical CPU, and on a 2-core machine fewer deadlocks Ray Data.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
-        return
-    ray.init(
-        address="local",  # a new local instance, never a stray cluster registered in /tmp/ray
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        configure_logging=False,
-        log_to_driver=False,
-    )
 
 
 def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
@@ -105,24 +93,50 @@ def run_training(
     save_checkpoint: bool = True,
     mlflow_uri: str | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it."""
+    """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it.
+
+    Everything that can be wrong is checked before any Ray resource is requested or MLflow
+    run is created: names, subjects, the embedding table (ids and finiteness), encoder
+    shapes, the dataset contract, impossible sizes (a batch larger than the training rows, a
+    validation set smaller than the top-k) and the Ray resources asked for. A run that
+    diverges (NaN/Inf loss or weights) ends FAILED with a :class:`~.loop.NonFiniteError`.
+    """
     cfg = cfg.resolved()
+    if storage_name is not None:
+        check_name("Ray storage name", storage_name)
     ds = open_dataset(cfg.data.path)
     check_subjects(ds, cfg.data.subjects, "data.subjects")
     check_subjects(ds, cfg.data.eval_subjects, "data.test_subjects")
-    table, table_path = load_table_for(cfg)
+    table, table_path = load_table_for(cfg)  # unknown table, NaN/Inf vectors
     needed = ds.image_ids("train") + (ds.image_ids("test") if evaluate_test else [])
     emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
     check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
+    where = f"data.subjects {list(cfg.data.subjects)} of {cfg.data.path}"
+    rows, n_val = planned_sizes(ds, cfg.data.subjects, train_trials=cfg.data.train_trials,
+                                val_fraction=cfg.data.val_fraction, val_split=cfg.data.val_split, seed=cfg.seed)
+    check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                val_fraction=cfg.data.val_fraction, where=where, planned=True)
+    check_writable(cache_dir(), "the cache (BRAINALIGN_CACHE, default $BRAINALIGN_HOME/cache)")
     require_valid(ds)  # NaNs, duplicates, test images in training files, ...: once per fingerprint
+    check_writable(ray_storage(), "the Ray storage (BRAINALIGN_RAY_STORAGE, default $BRAINALIGN_HOME/ray_results)")
+    uri = mlflow_uri or tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        check_writable(Path(uri.removeprefix("sqlite:///")).parent, "the MLflow store (MLFLOW_TRACKING_URI, "
+                       f"default under $BRAINALIGN_HOME={home()})")
     prepared = prepare(cfg)
+    check_sizes(n_train_rows=prepared.n_train_rows, n_val_images=len(prepared.val_images),
+                batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.data.val_fraction,
+                where=where)
+    ensure_ray()
+    check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+                    what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
+                         f"use_gpu={str(cfg.use_gpu).lower()})")
     emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
     if not emb_path.is_file():
         with atomic_file(emb_path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, emb)
 
-    uri = mlflow_uri or tracking.tracking_uri()
     tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
                     backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=role)
     tags |= dict(extra_tags or {})
@@ -183,7 +197,6 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
 
     from .ray_worker import train_loop_per_worker
 
-    ensure_ray()
     # Train V2's controller collects a worker's report only when it polls (every 2 s by
     # default) and a worker blocks on its next report until then: short epochs would each
     # cost 2 s. Ray propagates this variable from here to the controller it starts.
@@ -192,8 +205,14 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
     train_bytes = prepared.n_train_rows * row_bytes
     train_ds = _split_dataset(prepared.train_dir, train_bytes)
     val_ds = _split_dataset(prepared.val_dir, prepared.n_val_rows * row_bytes)
+    torch_config = None
+    if loopback_only():  # all workers on this machine: keep torch's rendezvous store on 127.0.0.1 too
+        from ._torch_backend import LoopbackTorchConfig
+
+        torch_config = LoopbackTorchConfig()
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=torch_config,
         train_loop_config={
             "cfg": cfg.to_flat(),
             "emb_path": str(emb_path),
@@ -220,9 +239,16 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    try:
+        with watch_resource_wait(f"training run {run_id}"):
+            result = trainer.fit()
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from e
     if result.error:
-        raise result.error
+        raise _user_error(result.error) or result.error
     ckpt_path: Path | None = None
     best: dict[str, Any] = {}
     if result.checkpoint is not None:
@@ -235,6 +261,30 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
         best_epoch=int(best.get("best_epoch", -1)),
         checkpoint=ckpt_path,
     )
+
+
+def _user_error(e: BaseException) -> BrainalignError | None:
+    """The :class:`BrainalignError` a Train worker raised (e.g. ``NonFiniteError``), found in the
+    Ray exception that wraps it, re-raised as itself so the user sees the message, not Ray's
+    traceback; None if there is none."""
+    seen: set[int] = set()
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, BrainalignError):
+            try:
+                return type(x)(str(x))
+            except Exception:
+                return BrainalignError(str(x))
+        todo += [getattr(x, "__cause__", None), getattr(x, "__context__", None), getattr(x, "cause", None),
+                 getattr(x, "controller_failure", None)]
+        failures = getattr(x, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo += list(failures.values())
+    return None
 
 
 def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, emb: np.ndarray) -> Any:
