@@ -118,6 +118,11 @@ class TrainConfig:
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as its flat view: plain pickle works (the arch mapping is read-only) and
+        # the process that unpickles it (a Ray worker) validates it again
+        return (_from_flat, (self.to_flat(),))
+
     # ----------------------------------------------------------------- flat view
     def to_flat(self) -> dict[str, Any]:
         """Dotted keys one level deep; tuples stay tuples."""
@@ -170,6 +175,10 @@ class TrainConfig:
     @property
     def embeddings_dir(self) -> Path:
         return Path(self.data.embeddings_dir) if self.data.embeddings_dir else Path(self.data.path) / "embeddings"
+
+
+def _from_flat(flat: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig.from_flat(flat)
 
 
 def _defaults_flat() -> dict[str, Any]:
