@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,9 @@ def study_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.
     from brainalign.studies import load_study, run_study
 
     home = tmp_path_factory.mktemp("sweep-home")
+    library_log = logging.getLogger("brainalign")
+    level = library_log.level
+    library_log.setLevel(logging.INFO)  # what the CLI configures: the study's log file gets INFO records
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BRAINALIGN_HOME", str(home))
         for var in ("MLFLOW_TRACKING_URI", "BRAINALIGN_CACHE", "BRAINALIGN_RAY_STORAGE"):
@@ -77,6 +81,7 @@ def study_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.
         path.write_text(STUDY.format(dataset=tiny_dataset))
         study = load_study(path)
         outcome = run_study(study, live=False)
+        library_log.setLevel(level)
         yield SimpleNamespace(home=home, study=study, outcome=outcome, path=path)
 
 

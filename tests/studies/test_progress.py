@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -53,3 +55,35 @@ def test_live_view_off_a_terminal_logs_lines_and_fills_the_log_file(tmp_path: Pa
     n = len(log_file.read_text())
     logging.getLogger("brainalign.studies.unit").warning("after the view")
     assert len(log_file.read_text()) == n  # the file handler is gone with the view
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_view_on_a_terminal_draws_a_table_and_keeps_info_off_the_console(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    console = logging.StreamHandler(term)
+    root = logging.getLogger()
+    root.addHandler(console)
+    lib = logging.getLogger("brainalign.studies.unit")
+    lib.setLevel(logging.INFO)
+    study = load_study(MINI)
+    try:
+        with LiveView(study, make_plan(study), "", "sqlite:///unused", log_file=tmp_path / "s.log", interval=0.05):
+            lib.info("an info record")
+            lib.warning("a warning record")
+            deadline = time.monotonic() + 120
+            while "tested runs" not in term.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert console.stream is term and console.level == logging.NOTSET  # restored
+    finally:
+        root.removeHandler(console)
+        lib.setLevel(logging.NOTSET)
+    shown = term.getvalue()
+    assert "study mini (sweep)" in shown and "tested runs" in shown and "0/24" in shown
+    assert "a warning record" in shown and "an info record" not in shown
+    assert "an info record" in (tmp_path / "s.log").read_text()

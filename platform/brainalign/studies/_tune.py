@@ -308,6 +308,9 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
         log.info("resuming search %s from %s", unit.key, path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study INFO lines on the console
         searcher = OptunaSearch(space=DefineByRun(space.params), metric=space.metric, mode=space.mode, seed=unit.seed)
         # stop_last_trials=False: a trial that reaches max_t ends on its own (its Train run
         # finishes, ends its MLflow run and frees its placement group) instead of being killed
