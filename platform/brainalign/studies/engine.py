@@ -407,8 +407,9 @@ def _start_study_run(study: Study, plan: Plan, uri: str) -> str:
         "study.fingerprint": study.fingerprint(),
     } | plan.params() | {f"config.{k}": v for k, v in study.config.items()} | {
         f"override.{k}": v for k, v in study.overrides.items()}
-    tags = {"role": "report", "study": study.name, "study_kind": study.kind, "git_commit": tracking.code_version(),
-            "ray_job": ray_job_id()}
+    tags = {"role": "report", "study": study.name, "study_kind": study.kind, "git_commit": tracking.code_version()}
+    if ray_job_id():
+        tags["ray_job"] = ray_job_id()
     if study.description:
         tags["mlflow.note.content"] = study.description
     run_id = tracking.start_run(study.experiment, run_name=f"study-{study.name}", params=params, tags=tags, uri=uri)
