@@ -143,6 +143,11 @@ class TrainConfig:
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as its flat view: plain pickle works (the arch mapping is read-only) and
+        # the process that unpickles it (a Ray worker) validates it again
+        return (_from_flat, (self.to_flat(),))
+
     # ----------------------------------------------------------------- flat view
     def to_flat(self) -> dict[str, Any]:
         """Dotted keys one level deep; tuples stay tuples."""
@@ -195,6 +200,10 @@ class TrainConfig:
     @property
     def embeddings_dir(self) -> Path:
         return Path(self.data.embeddings_dir) if self.data.embeddings_dir else Path(self.data.path) / "embeddings"
+
+
+def _from_flat(flat: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig.from_flat(flat)
 
 
 def _defaults_flat() -> dict[str, Any]:
@@ -275,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     ------
     BrainalignError
         The file is missing or not TOML; it is a study file (``[study]``: run it with
-        ``brainalign sweep``); it has keys or tables next to a ``[config]`` table (they
+        ``brainalign study run``); it has keys or tables next to a ``[config]`` table (they
         would be silently ignored); or any key or value is invalid.
     """
     flat: dict[str, Any] = {}
@@ -290,7 +299,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         if "study" in doc:
             raise BrainalignError(
                 f"{p} is a study file (it has a [study] table), not a train config: run it with "
-                f"`brainalign sweep --study {p}` (a cross-subject study with jobs/cross_subject.py). "
+                f"`brainalign study run {p}`. "
                 "`brainalign train --config` reads a [config] table or top-level TrainConfig keys."
             )
         if "config" in doc:

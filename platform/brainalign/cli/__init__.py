@@ -24,6 +24,7 @@ _COMMANDS = (
     "brainalign.cli.train",
     "brainalign.cli.encoders",
     "brainalign.cli.embed",
+    "brainalign.cli.study",
     "brainalign.cli.sweep",
 )
 

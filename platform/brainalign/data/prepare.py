@@ -282,11 +282,12 @@ def check_subjects(ds: BrainDataset, subjects: tuple[str, ...], what: str) -> No
         )
 
 
-def prepare(cfg: TrainConfig) -> PreparedData:
-    """Prepare (or reuse) the train/val Parquet of ``cfg``; see the module docstring."""
+def prepare(cfg: TrainConfig, cache: Path | None = None) -> PreparedData:
+    """Prepare (or reuse) the train/val Parquet of ``cfg`` under ``cache`` (default
+    :func:`~brainalign.paths.cache_dir`); see the module docstring."""
     ds = open_dataset(cfg.data.path)
     check_subjects(ds, cfg.data.subjects, "data.subjects")
-    root = cache_dir() / "prepared" / _key(ds, cfg)
+    root = Path(cache or cache_dir()) / "prepared" / _key(ds, cfg)
     done = root / "prepared.json"
     if done.is_file():
         info = json.loads(done.read_text())

@@ -71,7 +71,7 @@ def validate_dataset(root: Path | str, *, check_hashes: bool = True, check_table
     return problems
 
 
-def require_valid(ds: BrainDataset) -> None:
+def require_valid(ds: BrainDataset, cache: Path | None = None) -> None:
     """Raise a :class:`BrainalignError` listing every problem of ``ds``, before any training.
 
     The full check streams every epoch once, so it runs once per dataset fingerprint: a
@@ -85,7 +85,7 @@ def require_valid(ds: BrainDataset) -> None:
     from ..paths import cache_dir
 
     key = hashlib.sha256(f"{ds.fingerprint}|{ds.root.resolve()}".encode()).hexdigest()[:32]
-    marker = cache_dir() / "validated" / f"{key}.json"
+    marker = Path(cache or cache_dir()) / "validated" / f"{key}.json"
     if marker.is_file():
         return
     problems = validate_dataset(ds.root, check_hashes=False, check_tables=False)

@@ -2,8 +2,8 @@
 
 Everything that can be wrong with the inputs (paths, subjects, tables, coverage of image
 ids, shapes) is checked before any Ray resource is requested. Test data are touched only
-here, after training, with the checkpoint selected on validation data; search trials call
-``run_training(..., evaluate_test=False)`` and never load the test split.
+here, after training, with the checkpoint selected on validation data; search trials run
+with ``RunSpec(evaluate_test=False)`` and never load the test split.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from ..data.prepare import (
 )
 from ..data.validate import require_valid
 from ..metrics import retrieval_ranks
-from ..paths import cache_dir, home, ray_storage
+from ..paths import home
 from .loop import build_run, encode
+from .spec import RunSpec, WorkerSpec
 
 # ``ensure_ray`` lives in brainalign._ray (the only module that calls ray.init); it is
 # re-exported here for existing callers.
-__all__ = ["TrainResult", "ensure_ray", "run_tags", "run_training"]
+__all__ = ["RunSpec", "TrainResult", "ensure_ray", "run_tags", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +82,7 @@ def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, 
     }
 
 
-def run_training(
-    cfg: TrainConfig,
-    *,
-    role: str = "train",
-    parent_run_id: str | None = None,
-    extra_tags: Mapping[str, str] | None = None,
-    callbacks: Sequence[Any] = (),
-    storage_name: str | None = None,
-    evaluate_test: bool = True,
-    save_checkpoint: bool = True,
-    mlflow_uri: str | None = None,
-) -> TrainResult:
+def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it.
 
     Everything that can be wrong is checked before any Ray resource is requested or MLflow
@@ -100,15 +90,37 @@ def run_training(
     shapes, the dataset contract, impossible sizes (a batch larger than the training rows, a
     validation set smaller than the top-k) and the Ray resources asked for. A run that
     diverges (NaN/Inf loss or weights) ends FAILED with a :class:`~.loop.NonFiniteError`.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run's config (resolved here: data paths become absolute).
+    spec : RunSpec, optional
+        Role, MLflow parent and tags, stores, test/checkpoint switches (default: a plain
+        ``role="train"`` run that is tested, with this process's stores).
+    callbacks : sequence
+        Ray Train run callbacks (a search trial passes Tune's report callback).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    BrainalignError
+        A problem with the data, the table or the encoder, before any Ray resource or
+        MLflow run exists.
     """
+    spec = spec or RunSpec()
+    loc = spec.locations
     cfg = cfg.resolved()
-    if storage_name is not None:
-        check_name("Ray storage name", storage_name)
+    if spec.storage_name:
+        check_name("Ray storage name", spec.storage_name)
     ds = open_dataset(cfg.data.path)
     check_subjects(ds, cfg.data.subjects, "data.subjects")
     check_subjects(ds, cfg.data.eval_subjects, "data.test_subjects")
     table, table_path = load_table_for(cfg)  # unknown table, NaN/Inf vectors
-    needed = ds.image_ids("train") + (ds.image_ids("test") if evaluate_test else [])
+    needed = ds.image_ids("train") + (ds.image_ids("test") if spec.evaluate_test else [])
     emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
     check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
     where = f"data.subjects {list(cfg.data.subjects)} of {cfg.data.path}"
@@ -116,14 +128,15 @@ def run_training(
                                 val_fraction=cfg.data.val_fraction, val_split=cfg.data.val_split, seed=cfg.seed)
     check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                 val_fraction=cfg.data.val_fraction, where=where, planned=True)
-    check_writable(cache_dir(), "the cache (BRAINALIGN_CACHE, default $BRAINALIGN_HOME/cache)")
-    require_valid(ds)  # NaNs, duplicates, test images in training files, ...: once per fingerprint
-    check_writable(ray_storage(), "the Ray storage (BRAINALIGN_RAY_STORAGE, default $BRAINALIGN_HOME/ray_results)")
-    uri = mlflow_uri or tracking.tracking_uri()
+    check_writable(Path(loc.cache), "the cache (BRAINALIGN_CACHE, default $BRAINALIGN_HOME/cache)")
+    require_valid(ds, Path(loc.cache))  # NaNs, duplicates, test images in training files: once per fingerprint
+    check_writable(Path(loc.ray_storage),
+                   "the Ray storage (BRAINALIGN_RAY_STORAGE, default $BRAINALIGN_HOME/ray_results)")
+    uri = loc.tracking_uri
     if uri.startswith("sqlite:///"):
         check_writable(Path(uri.removeprefix("sqlite:///")).parent, "the MLflow store (MLFLOW_TRACKING_URI, "
                        f"default under $BRAINALIGN_HOME={home()})")
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, Path(loc.cache))
     check_sizes(n_train_rows=prepared.n_train_rows, n_val_images=len(prepared.val_images),
                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.data.val_fraction,
                 where=where)
@@ -138,27 +151,25 @@ def run_training(
                 np.save(f, emb)
 
     tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
-                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=role)
-    tags |= dict(extra_tags or {})
+                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=spec.role)
+    tags |= dict(spec.tags)
     params = cfg.to_flat() | {"n_train_rows": prepared.n_train_rows, "n_val_rows": prepared.n_val_rows}
     run_name = cfg.run_name or f"{cfg.encoder}-{table.backbone}-{table.alignment}-s{cfg.seed}"
-    run_id = tracking.start_run(cfg.experiment, run_name=run_name, params=params, tags=tags,
-                                parent_run_id=parent_run_id, uri=uri)
-    log.info("MLflow run %s (%s)", run_id, run_name)
-    try:
-        result = _fit(cfg, prepared, emb_path, run_id, uri, callbacks, storage_name, save_checkpoint)
-        if evaluate_test:
+    with tracking.run(cfg.experiment, run_name=run_name, params=params, tags=tags,
+                      parent_run_id=spec.parent_run_id or None, uri=uri) as run_id:
+        log.info("MLflow run %s (%s)", run_id, run_name)
+        splits = "train/val/test" if spec.evaluate_test else "train/val"
+        tracking.log_dataset(run_id, name=ds.root.name, digest=ds.fingerprint, source=str(ds.root), context=splits,
+                             profile={"subjects": list(cfg.data.subjects), "test_subjects": list(cfg.data.eval_subjects),
+                                      "n_chans": ds.meta.n_chans, "n_times": ds.meta.n_times}, uri=uri)
+        tracking.log_dataset(run_id, name=cfg.data.image_table, digest=table.sha256, source=str(table_path),
+                             context="image embeddings", profile={"dim": table.dim}, uri=uri)
+        result = _fit(cfg, spec, prepared, emb_path, run_id, callbacks)
+        if spec.evaluate_test:
             if result.checkpoint is None:
                 raise RuntimeError("training produced no checkpoint to test")
             result.test = _test(cfg, result.checkpoint, emb, ds, run_id, uri)
         _log_artifacts(cfg, result, run_id, uri)
-        tracking.end_run(run_id, "FINISHED", uri=uri)
-    except KeyboardInterrupt:
-        tracking.end_run(run_id, "KILLED", uri=uri)
-        raise
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
-        raise
     return result
 
 
@@ -189,8 +200,8 @@ def _split_dataset(path: Path, nbytes: int) -> Any:
     return ray.data.read_parquet(str(path)).materialize()
 
 
-def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
-         callbacks: Sequence[Any], storage_name: str | None, save_checkpoint: bool) -> TrainResult:
+def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id: str,
+         callbacks: Sequence[Any]) -> TrainResult:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -210,21 +221,17 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
         from ._torch_backend import LoopbackTorchConfig
 
         torch_config = LoopbackTorchConfig()
+    worker = WorkerSpec(
+        config=cfg, emb_path=str(emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
+        n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=spec.locations.tracking_uri,
+        save_checkpoint=spec.save_checkpoint,
+        # each worker keeps its shard in memory after the first pass when it is small
+        cache_shard=train_bytes <= inline_max_bytes(),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=torch_config,
-        train_loop_config={
-            "cfg": cfg.to_flat(),
-            "emb_path": str(emb_path),
-            "n_chans": prepared.n_chans,
-            "n_times": prepared.n_times,
-            "n_train_rows": prepared.n_train_rows,
-            "mlflow_run_id": run_id,
-            "mlflow_uri": uri,
-            "save_checkpoint": save_checkpoint,
-            # each worker keeps its shard in memory after the first pass when it is small
-            "cache_shard": train_bytes <= inline_max_bytes(),
-        },
+        train_loop_config={"spec": worker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -233,8 +240,8 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=storage_name or f"train-{run_id}",
-            storage_path=str(ray_storage()),
+            name=spec.storage_name or f"train-{run_id}",
+            storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
