@@ -117,6 +117,15 @@ class TrainConfig:
         check_option("select_metric", self.select_metric, SELECT_METRICS)
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")
+        if self.batch_size % self.num_workers:
+            lower = self.batch_size - self.batch_size % self.num_workers
+            options = [b for b in (lower, lower + self.num_workers) if b >= 2]
+            raise BrainalignError(
+                f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: batch_size is "
+                f"the global batch (the loss sees all of it) and each of the {self.num_workers} workers encodes "
+                f"batch_size / num_workers rows per step. Use batch_size={' or '.join(map(str, options))}, or "
+                f"another num_workers."
+            )
 
     # ----------------------------------------------------------------- flat view
     def to_flat(self) -> dict[str, Any]:

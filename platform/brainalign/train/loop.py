@@ -126,21 +126,36 @@ def _sync_temperature_grad(run: Run) -> None:
     grad /= dist.get_world_size()
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
-    """One pass over ``batches``; returns mean train loss, lr, temperature, samples."""
+    """One pass over ``batches``; returns mean train loss, lr, temperature, samples.
+
+    With N data-parallel workers each worker's batches hold ``batch_size / N`` rows and the
+    loss is computed over the global batch (:class:`~brainalign.losses.SymmetricInfoNCE` with
+    ``gather=True``); every worker must then run the same number of equal-sized batches. The
+    returned loss and sample count are over all workers (identical on every worker).
+    """
     lr = cosine_lr(run.cfg, run.epoch)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.model.train()
+    world = _world_size()
     total, n = 0.0, 0
     for batch in batches:
         x, idx, sid = _to(run, batch)
-        if x.shape[0] < 2:
+        if x.shape[0] * world < 2:
             continue  # InfoNCE needs negatives
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=run.amp):
             z = _forward(run, x, sid)
-        loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
+        if world > 1:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx, gather=True)
+        else:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
@@ -156,6 +171,10 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
             run.optimizer.step()
         total += float(loss.detach()) * x.shape[0]
         n += x.shape[0]
+    if world > 1:  # each worker's loss covers its own rows: sum over workers
+        sums = torch.tensor([total, float(n)], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(sums)
+        total, n = float(sums[0]), int(sums[1])
     run.epoch += 1
     return {
         "train_loss": total / max(n, 1),

@@ -63,7 +63,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     vx, vi, vs = _collect(ray.train.get_dataset_shard("val"))
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     mlflow_run = config.get("mlflow_run_id")
-    buffer = max(4 * cfg.batch_size, min(config.get("n_train_rows", 0), 20_000))
+    # batch_size is the global batch (the loss gathers every worker's rows): each worker draws
+    # its share per step; TrainConfig refuses a batch_size that num_workers does not divide
+    local_batch = cfg.batch_size // ctx.get_world_size()
+    buffer = max(4 * local_batch, min(config.get("n_train_rows", 0), 20_000))
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for epoch in range(cfg.epochs):
         shuffle_seed = cfg.seed * 10_000 + epoch + 1_000_000 * rank
@@ -72,10 +75,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # (the streaming path below re-starts a Ray Data executor every epoch: seconds)
             if cached is None:
                 cached = _collect(train)
-            batches = _shuffled_batches(cached, cfg.batch_size, shuffle_seed)
+            batches = _shuffled_batches(cached, local_batch, shuffle_seed)
         else:
             batches = train.iter_torch_batches(
-                batch_size=cfg.batch_size,
+                batch_size=local_batch,
                 drop_last=True,  # batch composition is the negatives: keep batches full
                 local_shuffle_buffer_size=buffer,
                 local_shuffle_seed=shuffle_seed,
