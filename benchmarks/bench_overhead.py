@@ -259,8 +259,18 @@ def start_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool = False) -> dict[str, Any]:
-    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory."""
+def ray_fit(
+    prep: Prepared,
+    cfg: TrainConfig,
+    probe: Path,
+    *,
+    tune_trial: bool = False,
+    loop_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory.
+
+    ``loop_extra``: more ``train_loop_config`` keys (``cache_shard``/``cache_val``, which
+    ``runner._fit`` decides from the split sizes)."""
     import ray
     import ray.data
     import ray.train
@@ -307,7 +317,8 @@ def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool =
             "mlflow_run_id": None,
             "save_checkpoint": False,
             "_probe_dir": str(probe),
-        },
+        }
+        | dict(loop_extra or {}),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

@@ -95,6 +95,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
+    shuffle_buffer_mb: float = 1024.0
     experiment: str = "brainalign"
     run_name: str = ""
 
@@ -114,6 +115,7 @@ class TrainConfig:
         check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
         check_range("torch_threads", self.torch_threads, low=0)
+        check_range("shuffle_buffer_mb", self.shuffle_buffer_mb, low=0.0, low_inclusive=False)
         check_option("select_metric", self.select_metric, SELECT_METRICS)
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")

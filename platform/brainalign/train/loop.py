@@ -23,7 +23,17 @@ from ..encoders import create_encoder, encoder_info
 from ..losses import SymmetricInfoNCE
 from ..metrics import topk_accuracy
 
-__all__ = ["EarlyStopping", "Run", "build_run", "cosine_lr", "encode", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EarlyStopping",
+    "Run",
+    "build_run",
+    "cosine_lr",
+    "encode",
+    "encode_batches",
+    "evaluate",
+    "evaluate_embeddings",
+    "train_one_epoch",
+]
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -200,14 +210,42 @@ def encode(
 
 
 @torch.no_grad()
-def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None,
-             prefix: str = "val") -> dict[str, float]:
+def encode_batches(run: Run, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brain embeddings ``(N, D)`` and image indices ``(N,)`` of a stream of batches, in eval mode.
+
+    Only the embeddings are kept: each batch's epochs are dropped once encoded, so memory is
+    ``N x D`` plus one batch whatever the size of the rows (the validation split of many
+    subjects streamed from Ray Data). Feed the result to :func:`evaluate_embeddings`.
+    """
+    run.model.eval()
+    zs, ids = [], []
+    for batch in batches:
+        x, idx, sid = _to(run, batch)
+        with torch.autocast(run.device.type, enabled=run.amp):
+            zs.append(_forward(run, x, sid).float())
+        ids.append(idx)
+    if not zs:
+        return torch.zeros(0, run.image_emb.shape[1], device=run.device), torch.zeros(0, dtype=torch.long)
+    return torch.cat(zs), torch.cat(ids)
+
+
+@torch.no_grad()
+def evaluate(
+    run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None, prefix: str = "val"
+) -> dict[str, float]:
+    """Encode the rows of ``x`` (in chunks) and score them: :func:`evaluate_embeddings`."""
+    return evaluate_embeddings(run, encode(run, x, subject_index), image_index, prefix)
+
+
+@torch.no_grad()
+def evaluate_embeddings(
+    run: Run, z: torch.Tensor, image_index: torch.Tensor, prefix: str = "val"
+) -> dict[str, float]:
     """Loss (InfoNCE over batches of ``batch_size``) and N-way top-1/top-5 retrieval.
 
-    Queries are the rows of ``x`` (repetition-averaged epochs); the gallery is the unique
-    images among ``image_index``.
+    Queries are the brain embeddings ``z`` ``(N, D)`` (of repetition-averaged epochs); the
+    gallery is the unique images among ``image_index`` ``(N,)``.
     """
-    z = encode(run, x, subject_index)
     idx = image_index.to(run.device).long()
     losses, weights = [], []
     bs = run.cfg.batch_size

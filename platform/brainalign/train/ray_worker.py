@@ -4,6 +4,11 @@ It rebuilds the validated config, feeds ``train_one_epoch`` from the worker's Ra
 shard, evaluates on the (unsplit, repetition-averaged) validation set, logs each epoch to
 MLflow from rank 0 and reports to Ray Train (a barrier every rank calls). The best weights
 by the VALIDATION selection metric are attached as a checkpoint to the last report.
+
+Memory is bounded in bytes, not in subjects: a training shard is held whole only when the
+driver found the split small (``cache_shard``), else it streams through a local shuffle buffer
+of at most ``shuffle_buffer_mb``; the validation rows are held only when small
+(``cache_val``), else each epoch streams them in chunks and keeps only their embeddings.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from .loop import EarlyStopping, build_run, evaluate, train_one_epoch
+from .loop import EarlyStopping, build_run, encode_batches, evaluate, evaluate_embeddings, train_one_epoch
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["shuffle_buffer_rows", "train_loop_per_worker"]
+
+VAL_CHUNK = 512  # validation rows per streamed chunk (loop.encode's chunk: same batches)
 
 
 def _collect(shard: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,6 +51,13 @@ def _shuffled_batches(
         yield {"epoch": x[idx], "image_index": ii[idx], "subject_index": ss[idx]}
 
 
+def shuffle_buffer_rows(cfg: TrainConfig, row_bytes: int, n_train_rows: int, local_batch: int) -> int:
+    """Rows of the local shuffle buffer: ``shuffle_buffer_mb`` of rows (all rows if fewer), at
+    least 4 batches (Ray Data's buffer needs a batch on top of it: memory ~ bound + a batch)."""
+    cap = int(cfg.shuffle_buffer_mb * 2**20) // max(1, row_bytes)
+    return max(4 * local_batch, min(n_train_rows, cap))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -60,13 +74,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ctx.get_world_size() > 1:
         run.model = ray.train.torch.prepare_model(run.model)
     train = ray.train.get_dataset_shard("train")
-    vx, vi, vs = _collect(ray.train.get_dataset_shard("val"))
+    val = ray.train.get_dataset_shard("val")
+    val_rows = _collect(val) if config.get("cache_val", True) else None
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     mlflow_run = config.get("mlflow_run_id")
     # batch_size is the global batch (the loss gathers every worker's rows): each worker draws
     # its share per step; TrainConfig refuses a batch_size that num_workers does not divide
     local_batch = cfg.batch_size // ctx.get_world_size()
-    buffer = max(4 * local_batch, min(config.get("n_train_rows", 0), 20_000))
+    row_bytes = 4 * config["n_chans"] * config["n_times"]
+    buffer = shuffle_buffer_rows(cfg, row_bytes, config.get("n_train_rows", 0), local_batch)
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for epoch in range(cfg.epochs):
         shuffle_seed = cfg.seed * 10_000 + epoch + 1_000_000 * rank
@@ -84,7 +100,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_seed=shuffle_seed,
             )
         metrics = train_one_epoch(run, batches)
-        metrics |= evaluate(run, vx, vi, vs)
+        if val_rows is not None:
+            metrics |= evaluate(run, *val_rows)
+        else:  # stream: only the embeddings (N x D) stay in memory
+            metrics |= evaluate_embeddings(run, *encode_batches(run, val.iter_torch_batches(batch_size=VAL_CHUNK)))
         stopper.update(run, metrics)
         metrics |= {"epoch": epoch, "best_epoch": stopper.best_epoch, "val_top1_best": stopper.best_top1}
         last = epoch == cfg.epochs - 1 or stopper.should_stop

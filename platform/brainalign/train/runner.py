@@ -190,8 +190,9 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     row_bytes = 4 * prepared.n_chans * prepared.n_times
     train_bytes = prepared.n_train_rows * row_bytes
+    val_bytes = prepared.n_val_rows * row_bytes
     train_ds = _split_dataset(prepared.train_dir, train_bytes)
-    val_ds = _split_dataset(prepared.val_dir, prepared.n_val_rows * row_bytes)
+    val_ds = _split_dataset(prepared.val_dir, val_bytes)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -203,8 +204,11 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
             "mlflow_run_id": run_id,
             "mlflow_uri": uri,
             "save_checkpoint": save_checkpoint,
-            # each worker keeps its shard in memory after the first pass when it is small
+            # each worker keeps its shard in memory after the first pass when it is small, and
+            # the validation rows when they are small; larger splits stream every epoch (worker
+            # memory bounded in bytes: docs/training.md, "Worker memory")
             "cache_shard": train_bytes <= inline_max_bytes(),
+            "cache_val": val_bytes <= inline_max_bytes(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
