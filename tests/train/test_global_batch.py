@@ -133,11 +133,11 @@ def test_local_only_negatives_would_differ(tmp_path: Path) -> None:
     before) is not the global-batch loss."""
     data = _data(False)
     run = build_run(_cfg(), n_chans=N_CHANS, n_times=1, image_emb=data["emb"])
+    ids = data["ids"][:BATCH]
     with torch.no_grad():
         z = run.model(data["x"][:BATCH])
-    ids = data["ids"][:BATCH]
-    full = float(run.loss_fn(z, run.image_emb[ids], ids))
-    halves = [float(run.loss_fn(z[h], run.image_emb[ids[h]], ids[h])) for h in (slice(0, 4), slice(4, 8))]
+        full = float(run.loss_fn(z, run.image_emb[ids], ids))
+        halves = [float(run.loss_fn(z[h], run.image_emb[ids[h]], ids[h])) for h in (slice(0, 4), slice(4, 8))]
     assert abs(sum(halves) / 2 - full) > 1e-3
 
 
