@@ -146,6 +146,8 @@ def test_near_ties_below_float32_resolution_follow_the_exact_scores(gallery: tup
             torch.full((3, D), 2.5),  # constant rows: normalize to zero
             torch.zeros(2, D),
             torch.randn(5, D, generator=gen) * 1e-12,  # tiny rows
+            g[t[10:15]] * 1e16,  # large rows, still screened
+            g[t[15:20]] * 1e20,  # too large to screen in float32: the tight path
         ]
     )
     g = torch.cat([g, extra])

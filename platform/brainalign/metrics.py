@@ -261,7 +261,9 @@ def _block_ranks(
             s1 = f[-1].double()
             n2 = gn * gn - s1 * s1 / dim
             rho = rho_coef * gn * gn / n2
-            special = ~((n2 > 0) & (rho <= 0.01) & (gn >= 1e-10) & (gn <= 1e37) & torch.isfinite(s1))
+            # screenable: n well determined (rho), and |g| in [1e-10, 1e18] so that the squares, the
+            # scale n / |g|^2 and the screened values are normal float32 numbers (no underflow)
+            special = ~((n2 > 0) & (rho <= 0.01) & (gn >= 1e-10) & (gn <= 1e18) & torch.isfinite(s1))
             n = n2.clamp_min(1e-300).sqrt()
             s = f[:-1]
             s.addr_(own32, n.float(), alpha=-1).mul_((n / (gn * gn)).float())  # (q.g - own n) / (|g|^2 / n)
