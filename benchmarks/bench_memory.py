@@ -10,18 +10,21 @@ counts object-store pages the worker mapped (shared memory), ``RssAnon`` does no
 What the worker holds is bounded in bytes, not in subjects (``ray_worker.py``):
 
 * training rows: the whole shard when the split is at most ``BRAINALIGN_INLINE_MB`` (256 MB),
-  else a local shuffle buffer of ``min(train_rows, shuffle_buffer_mb)`` (1,024 MB);
+  else Ray Data's local shuffle buffer, whose minimum fill is a quarter of
+  ``shuffle_buffer_mb`` (1,024 MB): Ray refills it to 1.5x and copies it when re-shuffling,
+  so it holds up to ~3.5x its minimum;
 * validation rows: all of them when the split is at most 256 MB, else streamed in chunks of
   512 rows each epoch, keeping only their embeddings (``N x 512`` floats).
 
 Sizes: 4 full-size subjects (59,544 training rows of 63 x 250) take far longer than this
 measurement should on a 2-core box, so full runs default to ``--fraction 0.25`` of each
 subject's images (all at the full 63 x 250 row size) AND scale both byte bounds by the same
-fraction (shuffle buffer 256 MB, held-whole threshold 64 MB): every bound then binds at the
-fraction exactly as at full size, so the measured ratio is the full-size regime at a quarter of
-the bytes. Full size is extrapolated with the per-row model
-``private = base + row_bytes * (buffer_rows + held_val_rows) + 4 * 512 * val_rows``, ``base``
-fitted on the 1-subject run and checked against the 4-subject run (raw figures).
+fraction (shuffle budget 256 MB, held-whole threshold 64 MB): every bound then binds at the
+fraction as it does at full size (1 and 4 subjects both stream through a full buffer; the
+1-subject validation set is held, the 4-subject one streamed), so the measured ratio is the
+full-size regime at a quarter of the bytes. Full size is extrapolated with the per-row model
+``private = base + row_bytes * (min(train_rows, 3.5 * buffer_min) + held_val_rows) + 4 * 512 * val_rows``,
+``base`` fitted on the 1-subject run and checked against the 4-subject run (raw figures).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ ROW_BYTES = 63 * 250 * 4
 BATCH = 128
 INLINE_MB = inline_max_bytes() / 2**20  # splits up to this are held whole (256 by default)
 SHUFFLE_MB = TrainConfig().shuffle_buffer_mb  # 1,024 by default
+REFILL = 3.5  # Ray's shuffle buffer: refilled to 1.5x its minimum, copied when re-shuffled
 
 
 def _rows(n_images: int, n_subjects: int) -> tuple[int, int]:
@@ -55,14 +59,16 @@ def _plan(n_images: int, n_subjects: int, scale: float) -> dict[str, Any]:
     cache_shard = train * ROW_BYTES <= budget
     cache_val = val * ROW_BYTES <= budget
     cfg = TrainConfig(shuffle_buffer_mb=SHUFFLE_MB * scale)
-    buffer = train if cache_shard else shuffle_buffer_rows(cfg, ROW_BYTES, train, BATCH)
+    buffer_min = shuffle_buffer_rows(cfg, ROW_BYTES, train, BATCH)
+    held_train = train if cache_shard else min(train, int(REFILL * buffer_min))
     held_val = val if cache_val else VAL_CHUNK
     return {
         "cache_shard": cache_shard,
         "cache_val": cache_val,
-        "buffer_rows": buffer,
+        "buffer_min_rows": buffer_min,
+        "held_train_rows": held_train,
         "held_val_rows": held_val,
-        "model_bytes": ROW_BYTES * (buffer + held_val) + 4 * EMBED_DIM * val,
+        "model_bytes": ROW_BYTES * (held_train + held_val) + 4 * EMBED_DIM * val,
     }
 
 
@@ -108,7 +114,10 @@ def run(opts: Options) -> list[Result]:
         "train_rows": {"1": one["train_rows"], "4": four["train_rows"]},
         "val_rows": {"1": one["val_rows"], "4": four["val_rows"]},
         "held": {
-            str(k): {x: m["plan"][x] for x in ("cache_shard", "cache_val", "buffer_rows", "held_val_rows")}
+            str(k): {
+                x: m["plan"][x]
+                for x in ("cache_shard", "cache_val", "buffer_min_rows", "held_train_rows", "held_val_rows")
+            }
             for k, m in meas.items()
         },
         "worker_peak_private_MiB": {"1": round(one["anon"] / mib), "4": round(four["anon"] / mib)},
@@ -116,13 +125,14 @@ def run(opts: Options) -> list[Result]:
             "1": round(one["hwm"] / mib),
             "4": round(four["hwm"] / mib),
         },
-        "model": "private = base + row_bytes * (buffer_rows + held_val_rows) + 4 * 512 * val_rows",
+        "model": "private = base + row_bytes * (held_train_rows + held_val_rows) + 4 * 512 * val_rows, "
+        "held_train_rows = min(train_rows, 3.5 * buffer_min_rows) when streaming",
         "model_base_MiB": round(base / mib),
         "model_predicted_4sub_MiB": round(pred4 / mib),
         "model_error_4sub": round(pred4 / four["anon"] - 1, 3) if four["anon"] else None,
         "extrapolated_full_MiB": {"1": round(full1 / mib), "4": round(full4 / mib)},
         "extrapolated_full_held": {
-            str(k): {x: _plan(FULL_IMAGES, k, 1.0)[x] for x in ("buffer_rows", "held_val_rows")}
+            str(k): {x: _plan(FULL_IMAGES, k, 1.0)[x] for x in ("held_train_rows", "held_val_rows")}
             for k in (1, 4)
         },
         "extrapolated_full_ratio": round(full4 / full1, 2),

@@ -104,7 +104,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
-    shuffle_buffer_mb: float = 1024.0
+    shuffle_buffer_mb: float = 1024.0  # a Train worker's local shuffle buffer (train/ray_worker.py)
     experiment: str = "brainalign"
     run_name: str = ""
 

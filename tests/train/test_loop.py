@@ -178,13 +178,14 @@ def test_shuffle_buffer_is_bounded_in_bytes_not_rows() -> None:
     from brainalign.train.ray_worker import shuffle_buffer_rows
 
     row = 63 * 250 * 4  # a full-size EEG row (63 KB)
-    cfg = TrainConfig(shuffle_buffer_mb=64)
+    cfg = TrainConfig(shuffle_buffer_mb=256)
+    # Ray's buffer peaks at ~3.5x its minimum fill: the minimum is a quarter of the budget
     assert shuffle_buffer_rows(cfg, row, 10**6, 128) == 64 * 2**20 // row  # 1,065 rows, whatever the data
     assert shuffle_buffer_rows(cfg, row, 700, 128) == 700  # all rows when they fit
     assert shuffle_buffer_rows(cfg, 10 * 2**20, 10**6, 32) == 4 * 32  # at least 4 batches
-    # the default keeps one full-size subject whole (14,886 rows) and bounds four (59,544) at 1 GiB
-    assert shuffle_buffer_rows(TrainConfig(), row, 14_886, 128) == 14_886
-    assert shuffle_buffer_rows(TrainConfig(), row, 59_544, 128) * row <= 2**30
+    # the default (1 GiB) bounds one full-size subject (14,886 rows) and four (59,544) alike
+    assert shuffle_buffer_rows(TrainConfig(), row, 14_886, 128) == shuffle_buffer_rows(TrainConfig(), row, 59_544, 128)
+    assert 3.5 * shuffle_buffer_rows(TrainConfig(), row, 59_544, 128) * row <= 2**30
     with pytest.raises(BrainalignError, match="shuffle_buffer_mb"):
         TrainConfig(shuffle_buffer_mb=0)
 

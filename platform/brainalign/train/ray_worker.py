@@ -7,7 +7,7 @@ by the VALIDATION selection metric are attached as a checkpoint to the last repo
 
 Memory is bounded in bytes, not in subjects: a training shard is held whole only when the
 driver found the split small (``cache_shard``), else it streams through a local shuffle buffer
-of at most ``shuffle_buffer_mb``; the validation rows are held only when small
+of about ``shuffle_buffer_mb``; the validation rows are held only when small
 (``cache_val``), else each epoch streams them in chunks and keeps only their embeddings.
 """
 
@@ -52,9 +52,14 @@ def _shuffled_batches(
 
 
 def shuffle_buffer_rows(cfg: TrainConfig, row_bytes: int, n_train_rows: int, local_batch: int) -> int:
-    """Rows of the local shuffle buffer: ``shuffle_buffer_mb`` of rows (all rows if fewer), at
-    least 4 batches (Ray Data's buffer needs a batch on top of it: memory ~ bound + a batch)."""
-    cap = int(cfg.shuffle_buffer_mb * 2**20) // max(1, row_bytes)
+    """``local_shuffle_buffer_size`` for Ray Data: a quarter of ``shuffle_buffer_mb`` in rows.
+
+    Ray's buffer yields batches once it holds this many rows, refills to 1.5 times it before
+    each re-shuffle and copies the rows while re-shuffling, so its private memory peaks at about
+    3.5 times this size (plus up to two Ray Data blocks): a quarter keeps the buffer near
+    ``shuffle_buffer_mb``. At least 4 batches; all rows when the shard is smaller.
+    """
+    cap = int(cfg.shuffle_buffer_mb * 2**20 / 4) // max(1, row_bytes)
     return max(4 * local_batch, min(n_train_rows, cap))
 
 
