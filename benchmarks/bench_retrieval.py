@@ -7,10 +7,11 @@ per gallery size, same torch threads):
 * ``floor``: one plain float32 GEMM of the same shape, ``q @ g.T`` with ``torch.mm`` (the
   (Q, G) scores and nothing else: normalizing, counting or sorting cost more). The goal is
   ``floor / brainalign >= 0.8``.
-* ``floor_onednn``: the same GEMM through oneDNN (what the library calls, in chunks of 8,192
-  rows), reported because on AVX-512 CPUs where MKL takes its AVX2 path it is several times
-  faster than ``torch.mm``: ``floor_onednn / brainalign`` says how close the library is to the
-  fastest float32 GEMM available here, i.e. what the screening and counting cost on top.
+* ``floor_onednn``: the same GEMM through oneDNN (what the library calls, in the library's
+  gallery chunks), reported because on AVX-512 CPUs where MKL takes its AVX2 path it is
+  several times faster than ``torch.mm``: ``floor_onednn / brainalign`` says how close the
+  library is to the fastest float32 GEMM available here, i.e. what the screening and counting
+  cost on top.
 * ``brainalign``: :func:`brainalign.metrics.retrieval_ranks` (float32 screen of the raw rows +
   exact float64 rescoring of the items within the error bound of the target's score).
 * ``previous``: the library's previous method (each gallery chunk normalized, ``torch.mm``,
@@ -107,7 +108,7 @@ def floor_mm(qn: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return qn @ gallery.T
 
 
-def floor_onednn(qn: torch.Tensor, gallery: torch.Tensor, chunk: int = 8192) -> None:
+def floor_onednn(qn: torch.Tensor, gallery: torch.Tensor, chunk: int = metrics._CHUNK) -> None:
     """The same GEMM through the library's ``_gemm`` (oneDNN on CPU), in chunks."""
     for start in range(0, gallery.shape[0], chunk):
         metrics._gemm(qn, gallery[start : start + chunk])

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 _U32 = 2.0**-24  # unit roundoff of float32
 _EPS = 1e-8  # center_normalize's eps (F.normalize clamps the norm at it)
 _PAIRS = 4096  # candidate pairs scored in float64 per batch (2 x 25 MB at D = 768)
+# Gallery rows per chunk (at most; fewer for large query blocks so that a block's scores stay
+# ~32 MB). The GEMM runs at the same rate from 8k to 32k rows; fewer, larger chunks mean fewer
+# parallel regions, which on shared cores each cost a scheduler slice (bench_retrieval.py).
+_CHUNK = 32768
 
 
 def similarity(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,8 @@ def retrieval_ranks(
     targets : torch.Tensor
         ``(Q,)`` integer gallery row of each query's target.
     chunk : int, optional
-        Gallery rows per chunk (default: 8192 for up to 512 queries per block, fewer for
-        larger blocks, so that a block's scores stay about 16 MB).
+        Gallery rows per chunk (default: 32,768 for up to 256 queries per block, fewer for
+        larger blocks, so that a block's scores stay about 32 MB).
     query_chunk : int
         Queries per block.
 
@@ -195,6 +199,24 @@ def _outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return (x + pad if up else x - pad).float()
 
 
+@dataclass
+class _Block:
+    """One block of queries, prepared once for every gallery chunk (see :func:`_block_ranks`)."""
+
+    q: torch.Tensor  # (b, D) normalized queries, zero rows for inactive ones
+    q_ext: torch.Tensor  # (b + 1, D): q and an all-ones row (its GEMM row gives the row sums)
+    g_t: torch.Tensor  # (b, D) normalized target rows
+    t: torch.Tensor  # (b,) target gallery rows
+    active: torch.Tensor  # (b,) bool: finite query and target, not a zero query
+    own32: torch.Tensor  # (b,) exact target score, as float32 for the screen
+    lo_s: torch.Tensor  # screen band (score units x n^2 / |g|^2), +inf for inactive queries
+    hi_s: torch.Tensor
+    lo_t: torch.Tensor  # tight band (score units), +inf for inactive queries
+    hi_t: torch.Tensor
+    rho_coef: float  # relative error of n^2 per (|g| / n)^2
+    screen_ok: bool  # False with reduced-precision matmuls: every row takes the tight path
+
+
 def _block_ranks(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -237,75 +259,101 @@ def _block_ranks(
     inf = torch.tensor(float("inf"), device=dev)
     # tight path: |GEMM(q, g_hat) - exact| <= c_in * |q| * |g_hat|, |g_hat| <= 1 + 2 gamma
     beta_t = 1.05 * c_in * (1 + 2 * gamma) * qnorm
-    hi_t = torch.where(active, _outward(own + beta_t, up=True), inf)
-    lo_t = torch.where(active, _outward(own - beta_t, up=False), inf)
     # screen (see the docstring): |(q.g - own n) - n (cos - own)| <= |g|^2 / n * beta
-    rho_coef = 2.1 * gamma + 2 * c_in + c_in**2  # relative error of n^2, per (|g| / n)^2
+    rho_coef = 2.1 * gamma + 2 * c_in + c_in**2
     beta_s = 1.05 * (
         qnorm * (c_in + gamma + 10 * u) + 1.01 * sigma / dim**0.5 + own.abs() * (rho_coef + gamma + 5 * u)
     )
-    hi_s = torch.where(active, _outward(beta_s, up=True), inf)
-    lo_s = torch.where(active, -_outward(beta_s, up=True), inf)
-    screen_ok = eps_in == 0.0  # with reduced-precision matmuls every row takes the tight path
-    q_ext = torch.cat([q, torch.ones(1, dim, device=dev)])  # the last row gives the row sums
-    own32 = own.float()
+    blk = _Block(
+        q=q,
+        q_ext=torch.cat([q, torch.ones(1, dim, device=dev)]),
+        g_t=g_t,
+        t=t,
+        active=active,
+        own32=own.float(),
+        lo_s=torch.where(active, -_outward(beta_s, up=True), inf),
+        hi_s=torch.where(active, _outward(beta_s, up=True), inf),
+        lo_t=torch.where(active, _outward(own - beta_t, up=False), inf),
+        hi_t=torch.where(active, _outward(own + beta_t, up=True), inf),
+        rho_coef=rho_coef,
+        screen_ok=eps_in == 0.0,
+    )
     count = torch.zeros(q.shape[0], dtype=torch.long, device=dev)
-    rows = torch.arange(q.shape[0], device=dev)
-    step = chunk or max(1024, min(8192, 4_194_304 // max(1, q.shape[0])))
-    any_active = bool(active.any())
-    for start in range(0, n_gallery if (any_active or first) else 0, step):
+    step = chunk or max(1024, min(_CHUNK, 8_388_608 // max(1, q.shape[0])))
+    scan = bool(active.any()) or first  # the first block also counts the non-finite gallery rows
+    for start in range(0, n_gallery if scan else 0, step):
         c = gallery[start : start + step].float()
-        f = _gemm(q_ext, c) if screen_ok else None
-        if f is not None:
-            gn = torch.linalg.vector_norm(c, dim=1).double()
-            s1 = f[-1].double()
-            n2 = gn * gn - s1 * s1 / dim
-            rho = rho_coef * gn * gn / n2
-            # screenable: n well determined (rho), and |g| in [1e-10, 1e18] so that the squares, the
-            # scale n / |g|^2 and the screened values are normal float32 numbers (no underflow)
-            special = ~((n2 > 0) & (rho <= 0.01) & (gn >= 1e-10) & (gn <= 1e18) & torch.isfinite(s1))
-            n = n2.clamp_min(1e-300).sqrt()
-            s = f[:-1]
-            s.addr_(own32, n.float(), alpha=-1).mul_((n / (gn * gn)).float())  # (q.g - own n) / (|g|^2 / n)
-        else:
-            special = torch.ones(c.shape[0], dtype=torch.bool, device=dev)
-            s = None
-        sp = special.nonzero()[:, 0]
-        if sp.numel():
-            # ill-conditioned rows: normalized as the naive method does, scored with a GEMM
-            g_sp = center_normalize(c[sp])
-            row_bad = ~torch.isfinite(g_sp).all(1)
-            if first:
-                bad.gallery += int(row_bad.sum())
-            if s is not None:
-                s[:, sp] = float("-inf")  # decided below instead
-            if any_active:
-                f_sp = _gemm(q, g_sp)
-                f_sp[:, row_bad] = float("-inf")  # a non-finite gallery row never beats a finite target
-                tgt = active & (t >= start) & (t < start + c.shape[0])
-                hit = tgt & special[(t - start).clamp(0, c.shape[0] - 1)]
-                if bool(hit.any()):
-                    where = torch.full((c.shape[0],), -1, dtype=torch.long, device=dev)
-                    where[sp] = torch.arange(sp.numel(), device=dev)
-                    f_sp[rows[hit], where[t[hit] - start]] = float("-inf")  # the target is not counted
-                decided, qi, col = _screen(f_sp, lo_t, hi_t)
-                count += decided
-                if qi.numel():
-                    count.index_add_(0, qi, _exact(q, g_t, g_sp[col], qi))
-        if s is None or not any_active:
-            continue
-        tgt = active & (t >= start) & (t < start + c.shape[0])
-        s[rows[tgt], t[tgt] - start] = float("-inf")  # the target itself is not counted
-        decided, qi, col = _screen(s, lo_s, hi_s)
-        count += decided
-        if qi.numel():
-            count.index_add_(0, qi, _exact(q, g_t, center_normalize(c[col]), qi))
+        f = _gemm(blk.q_ext, c) if blk.screen_ok else None
+        gn = torch.linalg.vector_norm(c, dim=1).double() if blk.screen_ok else None
+        count += _scan_chunk(blk, start, c, f, gn, bad, first)
     count[zero] = n_gallery - bad.gallery - 1  # ties with every finite row (the first block counted them)
     ranks = 1 + count
     ranks[q_bad | t_bad] = n_gallery  # a query that cannot be scored gets the worst rank
     bad.queries += int(q_bad.sum())
     bad.targets += int(t_bad.sum())
     return ranks
+
+
+def _scan_chunk(
+    blk: _Block,
+    start: int,
+    c: torch.Tensor,
+    f: torch.Tensor | None,
+    gn: torch.Tensor | None,
+    bad: _Bad,
+    first: bool,
+) -> torch.Tensor:
+    """Per-query counts of the items of gallery rows ``start ..`` (``c``, raw float32) scoring at
+    least the target: screened from the GEMM ``f`` (``q_ext @ c.T``) and row norms ``gn``,
+    ill-conditioned rows on the tight path, undecided items rescored exactly."""
+    dev, dim = c.device, c.shape[1]
+    count = torch.zeros(blk.q.shape[0], dtype=torch.long, device=dev)
+    rows = torch.arange(blk.q.shape[0], device=dev)
+    t, active = blk.t, blk.active
+    tgt = active & (t >= start) & (t < start + c.shape[0])  # queries whose target is in this chunk
+    any_active = bool(active.any())
+    if f is not None and gn is not None:
+        s1 = f[-1].double()
+        n2 = gn * gn - s1 * s1 / dim
+        rho = blk.rho_coef * gn * gn / n2
+        # screenable: n well determined (rho), and |g| in [1e-10, 1e18] so that the squares, the
+        # scale n / |g|^2 and the screened values are normal float32 numbers (no underflow)
+        special = ~((n2 > 0) & (rho <= 0.01) & (gn >= 1e-10) & (gn <= 1e18) & torch.isfinite(s1))
+        n = n2.clamp_min(1e-300).sqrt()
+        s: torch.Tensor | None = f[:-1]
+        s.addr_(blk.own32, n.float(), alpha=-1).mul_((n / (gn * gn)).float())  # (q.g - own n) / (|g|^2 / n)
+    else:
+        special = torch.ones(c.shape[0], dtype=torch.bool, device=dev)
+        s = None
+    sp = special.nonzero()[:, 0]
+    if sp.numel():
+        # ill-conditioned rows: normalized as the naive method does, scored with a GEMM
+        g_sp = center_normalize(c[sp])
+        row_bad = ~torch.isfinite(g_sp).all(1)
+        if first:
+            bad.gallery += int(row_bad.sum())
+        if s is not None:
+            s[:, sp] = float("-inf")  # decided here instead
+        if any_active:
+            f_sp = _gemm(blk.q, g_sp)
+            f_sp[:, row_bad] = float("-inf")  # a non-finite gallery row never beats a finite target
+            hit = tgt & special[(t - start).clamp(0, c.shape[0] - 1)]
+            if bool(hit.any()):
+                where = torch.full((c.shape[0],), -1, dtype=torch.long, device=dev)
+                where[sp] = torch.arange(sp.numel(), device=dev)
+                f_sp[rows[hit], where[t[hit] - start]] = float("-inf")  # the target is not counted
+            decided, qi, col = _screen(f_sp, blk.lo_t, blk.hi_t)
+            count += decided
+            if qi.numel():
+                count.index_add_(0, qi, _exact(blk.q, blk.g_t, g_sp[col], qi))
+    if s is None or not any_active:
+        return count
+    s[rows[tgt], t[tgt] - start] = float("-inf")  # the target itself is not counted
+    decided, qi, col = _screen(s, blk.lo_s, blk.hi_s)
+    count += decided
+    if qi.numel():
+        count.index_add_(0, qi, _exact(blk.q, blk.g_t, center_normalize(c[col]), qi))
+    return count
 
 
 def _screen(
