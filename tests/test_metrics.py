@@ -153,16 +153,16 @@ def test_near_ties_below_float32_resolution_follow_the_exact_scores(gallery: tup
     g = torch.cat([g, extra])
     want = exact(q, g, t)
     calls = {"pairs": 0}
-    dot64 = metrics._dot64
+    pair_dots = metrics._pair_dots
 
-    def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        calls["pairs"] += a.shape[0]
-        return dot64(a, b)
+    def counting(a64: torch.Tensor, ai: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls["pairs"] += b.shape[0]
+        return pair_dots(a64, ai, b)
 
-    monkeypatch.setattr(metrics, "_dot64", counting)
+    monkeypatch.setattr(metrics, "_pair_dots", counting)
     assert torch.equal(retrieval_ranks(q, g, t, chunk=1000), want)
     assert calls["pairs"] > 10 * len(t)  # the fallback really decided the near-ties
-    monkeypatch.setattr(metrics, "_exact", lambda q_, g_t, rows, qi: torch.zeros_like(qi))
+    monkeypatch.setattr(metrics, "_exact", lambda blk, rows, qi: torch.zeros_like(qi))
     assert not torch.equal(retrieval_ranks(q, g, t, chunk=1000), want)  # the test can fail
 
 

@@ -92,11 +92,26 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     A product of two float32 numbers is exact in float64, so each value is the exact dot product
     of the float32 vectors up to float64 summation (relative 1e-13): the "exact formula".
-    Identical rows give identical values (the same reduction runs on every row).
+    Identical rows give identical values (the same reduction runs on every row, whatever P).
     """
-    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
-    for s in range(0, a.shape[0], _PAIRS):
-        out[s : s + _PAIRS] = (a[s : s + _PAIRS].double() * b[s : s + _PAIRS].double()).sum(1)
+    return _pair_dots(a.double(), torch.arange(a.shape[0], device=a.device), b)
+
+
+def _pair_dots(a64: torch.Tensor, ai: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a64[ai[k]] . b[k])`` in float64 for every k, in batches of ``_PAIRS`` rows through
+    reused buffers (fresh batch-sized allocations page-fault on every call)."""
+    p, dim = b.shape
+    out = torch.empty(p, dtype=torch.float64, device=b.device)
+    if p == 0:
+        return out
+    n = min(p, _PAIRS)
+    left = torch.empty(n, dim, dtype=torch.float64, device=b.device)
+    right = torch.empty(n, dim, dtype=torch.float64, device=b.device)
+    for s in range(0, p, n):
+        m = min(n, p - s)
+        torch.index_select(a64, 0, ai[s : s + m], out=left[:m])
+        right[:m].copy_(b[s : s + m])
+        torch.sum(left[:m].mul_(right[:m]), dim=1, out=out[s : s + m])
     return out
 
 
@@ -204,6 +219,7 @@ class _Block:
     """One block of queries, prepared once for every gallery chunk (see :func:`_block_ranks`)."""
 
     q: torch.Tensor  # (b, D) normalized queries, zero rows for inactive ones
+    q64: torch.Tensor  # the same in float64 (for the exact rescoring)
     q_ext: torch.Tensor  # (b + 1, D): q and an all-ones row (its GEMM row gives the row sums)
     g_t: torch.Tensor  # (b, D) normalized target rows
     t: torch.Tensor  # (b,) target gallery rows
@@ -266,6 +282,7 @@ def _block_ranks(
     )
     blk = _Block(
         q=q,
+        q64=q64,
         q_ext=torch.cat([q, torch.ones(1, dim, device=dev)]),
         g_t=g_t,
         t=t,
@@ -345,14 +362,14 @@ def _scan_chunk(
             decided, qi, col = _screen(f_sp, blk.lo_t, blk.hi_t)
             count += decided
             if qi.numel():
-                count.index_add_(0, qi, _exact(blk.q, blk.g_t, g_sp[col], qi))
+                count.index_add_(0, qi, _exact(blk, g_sp[col], qi))
     if s is None or not any_active:
         return count
     s[rows[tgt], t[tgt] - start] = float("-inf")  # the target itself is not counted
     decided, qi, col = _screen(s, blk.lo_s, blk.hi_s)
     count += decided
     if qi.numel():
-        count.index_add_(0, qi, _exact(blk.q, blk.g_t, center_normalize(c[col]), qi))
+        count.index_add_(0, qi, _exact(blk, _normalized_rows(c, col), qi))
     return count
 
 
@@ -366,25 +383,36 @@ def _screen(
     hot = (s.amax(1) >= lo).nonzero()[:, 0]  # rows with an item in or above the band
     if hot.numel() == 0:
         return count, none, none
-    sh = s if hot.numel() == s.shape[0] else s[hot]
+    every = hot.numel() == s.shape[0]
+    sh = s if every else s[hot]
     lo_h, hi_h = lo[hot].unsqueeze(1), hi[hot].unsqueeze(1)
     above = (sh > hi_h).sum(1)
     count[hot] = above
-    maybe = (sh >= lo_h).sum(1) > above
+    at_least = sh >= lo_h
+    maybe = at_least.sum(1) > above
     if not bool(maybe.any()):
         return count, none, none
-    sm = sh[maybe]
-    r, col = ((sm >= lo_h[maybe]) & (sm <= hi_h[maybe])).nonzero(as_tuple=True)
+    if bool(maybe.all()):
+        band = at_least & (sh <= hi_h)
+    else:
+        band = at_least[maybe] & (sh[maybe] <= hi_h[maybe])
+    r, col = band.nonzero(as_tuple=True)
     return count, hot[maybe][r], col
 
 
-def _exact(q: torch.Tensor, g_t: torch.Tensor, rows: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+def _exact(blk: _Block, rows: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
     """1 where the exact score of query ``qi[k]`` against the normalized row ``rows[k]`` is at
-    least its target's. The target's score is recomputed in the same call, so an item equal to
-    the target ties with it bit for bit."""
-    vals = _dot64(torch.cat([q[qi], q[qi]]), torch.cat([rows, g_t[qi]]))
-    n = qi.shape[0]
-    return (vals[:n] >= vals[n:]).long()
+    least its target's (computed by the same float64 routine: a row equal to the target's
+    ties with it bit for bit)."""
+    uq, inv = torch.unique(qi, return_inverse=True)
+    own = _pair_dots(blk.q64, uq, blk.g_t[uq])
+    return (_pair_dots(blk.q64, qi, rows) >= own[inv]).long()
+
+
+def _normalized_rows(c: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``center_normalize(c[col])``, normalizing each distinct row once."""
+    uc, inv = torch.unique(col, return_inverse=True)
+    return center_normalize(c[uc])[inv]
 
 
 def topk_accuracy(
