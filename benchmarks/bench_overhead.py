@@ -260,8 +260,18 @@ def start_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool = False) -> dict[str, Any]:
-    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory."""
+def ray_fit(
+    prep: Prepared,
+    cfg: TrainConfig,
+    probe: Path,
+    *,
+    tune_trial: bool = False,
+    loop_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory.
+
+    ``loop_extra``: more :class:`WorkerSpec` fields (``cache_shard``/``cache_val``, which
+    ``runner._fit`` decides from the split sizes)."""
     import ray
     import ray.data
     import ray.train
@@ -301,7 +311,8 @@ def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool =
         _probe_worker,
         train_loop_config={
             "spec": WorkerSpec(config=cfg, emb_path=str(prep.emb_path), n_chans=prep.n_chans,
-                               n_times=prep.n_times, n_train_rows=prep.n_train_rows, save_checkpoint=False),
+                               n_times=prep.n_times, n_train_rows=prep.n_train_rows, save_checkpoint=False,
+                               **(loop_extra or {})),
             "_probe_dir": str(probe),
         },
         scaling_config=ray.train.ScalingConfig(

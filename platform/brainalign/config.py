@@ -114,6 +114,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
+    shuffle_buffer_mb: float = 1024.0  # a Train worker's local shuffle buffer (train/ray_worker.py)
     experiment: str = "brainalign"
     run_name: str = ""
 
@@ -136,12 +137,22 @@ class TrainConfig:
                         low=1.0 / MAX_LOGIT_SCALE)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
         check_range("torch_threads", self.torch_threads, low=0)
+        check_range("shuffle_buffer_mb", self.shuffle_buffer_mb, low=0.0, low_inclusive=False)
         check_option("select_metric", self.select_metric, SELECT_METRICS)
         check_name("experiment", self.experiment)  # an MLflow experiment: a folder of artifacts
         if self.run_name:
             check_name("run_name", self.run_name)
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")
+        if self.batch_size % self.num_workers:
+            lower = self.batch_size - self.batch_size % self.num_workers
+            options = [b for b in (lower, lower + self.num_workers) if b >= 2]
+            raise BrainalignError(
+                f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: batch_size is "
+                f"the global batch (the loss sees all of it) and each of the {self.num_workers} workers encodes "
+                f"batch_size / num_workers rows per step. Use batch_size={' or '.join(map(str, options))}, or "
+                f"another num_workers."
+            )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # pickled as its flat view: plain pickle works (the arch mapping is read-only) and

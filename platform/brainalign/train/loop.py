@@ -33,7 +33,9 @@ __all__ = [
     "check_finite_weights",
     "cosine_lr",
     "encode",
+    "encode_batches",
     "evaluate",
+    "evaluate_embeddings",
     "train_one_epoch",
 ]
 
@@ -180,22 +182,37 @@ def _sync_temperature_grad(run: Run) -> None:
     grad /= dist.get_world_size()
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
-    """One pass over ``batches``; returns mean train loss, lr, temperature, samples."""
+    """One pass over ``batches``; returns mean train loss, lr, temperature, samples.
+
+    With N data-parallel workers each worker's batches hold ``batch_size / N`` rows and the
+    loss is computed over the global batch (:class:`~brainalign.losses.SymmetricInfoNCE` with
+    ``gather=True``); every worker must then run the same number of equal-sized batches. The
+    returned loss and sample count are over all workers (identical on every worker).
+    """
     lr = cosine_lr(run.cfg, run.epoch)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.model.train()
+    world = _world_size()
     total, n = 0.0, 0
     skipped = 0  # consecutive AMP steps the GradScaler skipped (inf/NaN gradients)
     for b, batch in enumerate(batches):
         x, idx, sid = _to(run, batch)
-        if x.shape[0] < 2:
+        if x.shape[0] * world < 2:
             continue  # InfoNCE needs negatives
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=run.amp):
             z = _forward(run, x, sid)
-        loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
+        if world > 1:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx, gather=True)
+        else:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
         value = float(loss.detach())
         if not math.isfinite(value):
             if run.scaler is None or skipped >= MAX_SKIPPED_AMP_STEPS:
@@ -219,6 +236,10 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
         if math.isfinite(value):
             total += value * x.shape[0]
             n += x.shape[0]
+    if world > 1:  # each worker's loss covers its own rows: sum over workers
+        sums = torch.tensor([total, float(n)], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(sums)
+        total, n = float(sums[0]), int(sums[1])
     check_finite_weights(run, lr)
     if n == 0 and skipped == 0:
         raise BrainalignError(
@@ -250,12 +271,42 @@ def encode(
 
 
 @torch.no_grad()
-def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None,
-             prefix: str = "val") -> dict[str, float]:
+def encode_batches(run: Run, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brain embeddings ``(N, D)`` and image indices ``(N,)`` of a stream of batches, in eval mode.
+
+    Only the embeddings are kept: each batch's epochs are dropped once encoded, so memory is
+    ``N x D`` plus one batch whatever the size of the rows (the validation split of many
+    subjects streamed from Ray Data). Feed the result to :func:`evaluate_embeddings`.
+    """
+    run.model.eval()
+    zs, ids = [], []
+    for batch in batches:
+        x, idx, sid = _to(run, batch)
+        with torch.autocast(run.device.type, enabled=run.amp):
+            zs.append(_forward(run, x, sid).float())
+        ids.append(idx)
+    if not zs:
+        return torch.zeros(0, run.image_emb.shape[1], device=run.device), torch.zeros(0, dtype=torch.long)
+    return torch.cat(zs), torch.cat(ids)
+
+
+@torch.no_grad()
+def evaluate(
+    run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None, prefix: str = "val"
+) -> dict[str, float]:
+    """Encode the rows of ``x`` (in chunks) and score them: :func:`evaluate_embeddings`."""
+    return evaluate_embeddings(run, encode(run, x, subject_index), image_index, prefix)
+
+
+@torch.no_grad()
+def evaluate_embeddings(
+    run: Run, z: torch.Tensor, image_index: torch.Tensor, prefix: str = "val"
+) -> dict[str, float]:
     """Validation loss over the full validation set and N-way top-1/top-5 retrieval.
 
-    Queries are the rows of ``x`` (repetition-averaged epochs); the retrieval gallery is the
-    unique images among ``image_index``.
+    Queries are the brain embeddings ``z`` ``(N, D)`` (of repetition-averaged epochs, encoded
+    by :func:`encode` or streamed by :func:`encode_batches`); the retrieval gallery is the
+    unique images among ``image_index`` ``(N,)``.
 
     The loss is the symmetric InfoNCE of ALL validation rows as one batch
     (:meth:`SymmetricInfoNCE.gallery_loss`, chunked for memory), not of batches of the
@@ -269,7 +320,6 @@ def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index
     ``O(EVAL_CHUNK x N)``). Fewer than 2 distinct images give a NaN loss: nothing to
     contrast.
     """
-    z = encode(run, x, subject_index)
     idx = image_index.to(run.device).long()
     gallery_idx, targets = torch.unique(idx, return_inverse=True)
     if gallery_idx.numel() >= 2:

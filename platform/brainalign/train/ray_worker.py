@@ -3,8 +3,13 @@
 It takes the run's :class:`~brainalign.train.spec.WorkerSpec`, feeds ``train_one_epoch``
 from the worker's Ray Data shard, evaluates on the (unsplit, repetition-averaged)
 validation set, logs each epoch to MLflow from rank 0 (with the node's system metrics) and
-reports to Ray Train (a barrier every rank calls). The best weights by the VALIDATION
-selection metric are attached as a checkpoint to the last report.
+reports to Ray Train (a barrier every rank calls). The best weights
+by the VALIDATION selection metric are attached as a checkpoint to the last report.
+
+Memory is bounded in bytes, not in subjects: a training shard is held whole only when the
+driver found the split small (``cache_shard``), else it streams through a local shuffle buffer
+of about ``shuffle_buffer_mb``; the validation rows are held only when small
+(``cache_val``), else each epoch streams them in chunks and keeps only their embeddings.
 """
 
 from __future__ import annotations
@@ -21,10 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loop import EarlyStopping, NonFiniteError, build_run, evaluate, train_one_epoch
+from ..config import TrainConfig
+from .loop import (
+    EarlyStopping,
+    NonFiniteError,
+    build_run,
+    encode_batches,
+    evaluate,
+    evaluate_embeddings,
+    train_one_epoch,
+)
 from .spec import WorkerSpec
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["shuffle_buffer_rows", "train_loop_per_worker"]
+
+VAL_CHUNK = 512  # validation rows per streamed chunk (loop.encode's chunk: same batches)
 
 
 def _collect(shard: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,6 +63,18 @@ def _shuffled_batches(
         yield {"epoch": x[idx], "image_index": ii[idx], "subject_index": ss[idx]}
 
 
+def shuffle_buffer_rows(cfg: TrainConfig, row_bytes: int, n_train_rows: int, local_batch: int) -> int:
+    """``local_shuffle_buffer_size`` for Ray Data: a quarter of ``shuffle_buffer_mb`` in rows.
+
+    Ray's buffer yields batches once it holds this many rows, refills to 1.5 times it before
+    each re-shuffle and copies the rows while re-shuffling, so its private memory peaks at about
+    3.5 times this size (plus up to two Ray Data blocks): a quarter keeps the buffer near
+    ``shuffle_buffer_mb``. At least 4 batches; all rows when the shard is smaller.
+    """
+    cap = int(cfg.shuffle_buffer_mb * 2**20 / 4) // max(1, row_bytes)
+    return max(4 * local_batch, min(n_train_rows, cap))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Train worker: ``config = {"spec": WorkerSpec}`` (the only key)."""
     import ray.train
@@ -65,10 +93,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ctx.get_world_size() > 1:
         run.model = ray.train.torch.prepare_model(run.model)
     train = ray.train.get_dataset_shard("train")
-    vx, vi, vs = _collect(ray.train.get_dataset_shard("val"))
+    val = ray.train.get_dataset_shard("val")
+    val_rows = _collect(val) if spec.cache_val else None
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     track = rank == 0 and bool(spec.mlflow_run_id)
-    buffer = max(4 * cfg.batch_size, min(spec.n_train_rows, 20_000))
+    # batch_size is the global batch (the loss gathers every worker's rows): each worker draws
+    # its share per step; TrainConfig refuses a batch_size that num_workers does not divide
+    local_batch = cfg.batch_size // ctx.get_world_size()
+    buffer = shuffle_buffer_rows(cfg, 4 * spec.n_chans * spec.n_times, spec.n_train_rows, local_batch)
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     monitor = tracking.system_metrics(spec.mlflow_run_id, uri=spec.tracking_uri) if track else nullcontext()
     with monitor:
@@ -79,16 +111,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # (the streaming path below re-starts a Ray Data executor every epoch: seconds)
                 if cached is None:
                     cached = _collect(train)
-                batches = _shuffled_batches(cached, cfg.batch_size, shuffle_seed)
+                batches = _shuffled_batches(cached, local_batch, shuffle_seed)
             else:
                 batches = train.iter_torch_batches(
-                    batch_size=cfg.batch_size,
+                    batch_size=local_batch,
                     drop_last=True,  # batch composition is the negatives: keep batches full
                     local_shuffle_buffer_size=buffer,
                     local_shuffle_seed=shuffle_seed,
                 )
             metrics = train_one_epoch(run, batches)
-            metrics |= evaluate(run, vx, vi, vs)
+            if val_rows is not None:
+                metrics |= evaluate(run, *val_rows)
+            else:  # stream: only the embeddings (N x D) stay in memory
+                metrics |= evaluate_embeddings(
+                    run, *encode_batches(run, val.iter_torch_batches(batch_size=VAL_CHUNK))
+                )
             if not math.isfinite(metrics["val_loss"]):  # finite weights, NaN on validation data: never select it
                 raise NonFiniteError(
                     f"the validation loss is {metrics['val_loss']} at epoch {epoch} (lr {metrics['lr']:.3g}, "

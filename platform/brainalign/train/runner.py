@@ -214,8 +214,9 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     row_bytes = 4 * prepared.n_chans * prepared.n_times
     train_bytes = prepared.n_train_rows * row_bytes
+    val_bytes = prepared.n_val_rows * row_bytes
     train_ds = _split_dataset(prepared.train_dir, train_bytes)
-    val_ds = _split_dataset(prepared.val_dir, prepared.n_val_rows * row_bytes)
+    val_ds = _split_dataset(prepared.val_dir, val_bytes)
     torch_config = None
     if loopback_only():  # all workers on this machine: keep torch's rendezvous store on 127.0.0.1 too
         from ._torch_backend import LoopbackTorchConfig
@@ -225,8 +226,11 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
         config=cfg, emb_path=str(emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
         n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=spec.locations.tracking_uri,
         save_checkpoint=spec.save_checkpoint,
-        # each worker keeps its shard in memory after the first pass when it is small
+        # each worker keeps its shard in memory after the first pass when it is small, and the
+        # validation rows when they are small; larger splits stream every epoch (worker memory
+        # bounded in bytes: docs/training.md, "Worker memory")
         cache_shard=train_bytes <= inline_max_bytes(),
+        cache_val=val_bytes <= inline_max_bytes(),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -79,6 +79,9 @@ class WorkerSpec:
         Attach the best weights to the last report.
     cache_shard : bool
         Keep the worker's (small) training shard in memory after the first pass.
+    cache_val : bool
+        Hold the (small) validation rows in memory; else each epoch streams them in chunks
+        and keeps only their embeddings.
     """
 
     config: TrainConfig
@@ -90,3 +93,4 @@ class WorkerSpec:
     tracking_uri: str = ""
     save_checkpoint: bool = True
     cache_shard: bool = False
+    cache_val: bool = True
