@@ -39,7 +39,7 @@ from .loop import (
 )
 from .spec import WorkerSpec
 
-__all__ = ["dataset_names", "shuffle_buffer_rows", "train_loop_per_worker", "train_one_run", "worker_specs"]
+__all__ = ["dataset_names", "shuffle_buffer_rows", "train_loop_per_worker", "train_one_run", "worker_share", "worker_specs"]
 
 VAL_CHUNK = 512  # validation rows per streamed chunk (loop.encode's chunk: same batches)
 
@@ -116,10 +116,18 @@ def _rows_from_store(ref: Any, rank: int = 0, world_size: int = 1) -> tuple[torc
     dropped so that every worker takes the same number of steps)."""
     import ray
 
-    x, ii, ss = ray.get(ref)
-    n = len(x) // world_size * world_size
-    # copies: the object store's arrays are read-only and must not stay pinned
-    return tuple(torch.from_numpy(np.array(a[rank:n:world_size])) for a in (x, ii, ss))  # type: ignore[return-value]
+    return worker_share(ray.get(ref), rank, world_size)
+
+
+def worker_share(arrays: tuple[np.ndarray, ...], rank: int, world_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s rows of in-memory split arrays: every ``world_size``-th row from
+    ``rank`` after dropping the remainder, so every worker holds the same number of rows (and
+    takes the same number of steps: the loss gathers all workers' batches). Copies (the object
+    store's arrays are read-only and must not stay pinned)."""
+    n = len(arrays[0]) // world_size * world_size
+    x, ii, ss = (torch.from_numpy(np.array(a[rank:n:world_size])) for a in arrays)
+    return x, ii, ss
 
 
 def train_one_run(spec: WorkerSpec, train: Any, val: Any, *, report_extra: dict[str, Any] | None = None) -> None:
