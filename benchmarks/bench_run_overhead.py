@@ -99,6 +99,11 @@ def run(opts: Options) -> list[Result]:
     for c in cfgs:  # the engine prepares every run's data in the driver before dispatching
         prepare(c.resolved(), cache)
 
+    # the study engine creates the MLflow store and experiment once, before any run: so here
+    # (a fresh SQLite store's schema creation is not a per-run cost)
+    from brainalign import tracking
+
+    tracking.ensure_experiment(cfgs[0].experiment, paths.mlflow_tracking_uri())
     before = [plain_run(c, cache) for c in cfgs]
     import ray
 
