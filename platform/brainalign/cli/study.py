@@ -39,6 +39,18 @@ def register(sub: Any) -> None:
             mode.add_argument("--fresh", action="store_true", help="discard saved state and start over")
             q.add_argument("--quiet", action="store_true", help="no live progress view")
         q.set_defaults(func=_study)
+    c = sub.add_parser(
+        "calibrate", help="false-positive rate and power of the report's tests (a study of kind calibrate)",
+        description="Run a calibration study (kind = \"calibrate\", e.g. jobs/calibrate.toml): many null and "
+                    "planted-effect simulator draws through the real training path, in parallel over Ray. "
+                    "A stopped calibration resumes where it stopped. Same as `brainalign study run` on that file.",
+    )
+    _add_common(c)
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="require saved state and resume it")
+    mode.add_argument("--fresh", action="store_true", help="discard the recorded draws and start over")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_calibrate, action="run")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -52,6 +64,11 @@ def _load(args: argparse.Namespace) -> Any:
     if args.kind is not None:
         check_option(f"study kind of {path} (--kind {args.kind})", study.kind, [args.kind])
     return study
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    args.kind = "calibrate"
+    return _study(args)
 
 
 def _study(args: argparse.Namespace) -> int:

@@ -120,6 +120,9 @@ def check_study(study: Study) -> Plan:
     """Everything ``brainalign study check`` checks: the plan, then the dataset (simulated
     first when the study says so and it is missing). Returns the plan."""
     plan = make_plan(study)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate): no study dataset
+        plan.check()
+        return plan
     ensure_dataset(study)
     validate_data(study, plan.search_spaces(), plan.training_sets())
     return plan
@@ -382,6 +385,7 @@ def _render(study: Study, plan: Plan, study_run_id: str, uri: str, selection: Ma
     runs = tracking.children(study_run_id, uri, tags={"role": "final"})
     report = build_report(
         rows_from_runs(runs, set(keys)), subjects=study.subjects, expected=len(keys), protocol=plan.protocol(),
+        correction=study.correction,
         title=f"Study {study.name}: human-aligned vs base (test, {len(study.subjects)} subjects × "
               f"{len(study.final_seeds)} seeds)",
     )
@@ -449,6 +453,9 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     loc = Locations.current()
     uri = loc.tracking_uri
     plan = plan or make_plan(study, uri)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate: studies/calibrate.py)
+        outcome: StudyOutcome = plan.execute(live=live, mode=mode)
+        return outcome
     folder = study_folder(study)
     if mode == "fresh":
         _remove_folder(folder)
@@ -526,10 +533,14 @@ def render_report(study: Study) -> Report:
         The study has no study run in MLflow yet.
     """
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: re-rendered from its recorded draws
+        report: Report = plan.report()
+        return report
     run_id = _study_run_id(study, uri)
     if not run_id:
         raise BrainalignError(f"study {study.name} has no study run in experiment {study.experiment!r} at {uri}.")
-    return _render(study, make_plan(study, uri), run_id, uri)
+    return _render(study, plan, run_id, uri)
 
 
 def study_status(study: Study) -> list[str]:

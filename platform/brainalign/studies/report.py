@@ -4,10 +4,14 @@ Input: one :class:`~brainalign.studies._stats.FinalRow` per tested run (encoder,
 arm, subject, seed, test top-1/top-5), read from MLflow (:func:`rows_from_runs`), so a
 report can be re-rendered at any time from what the runs logged. Output:
 
-* a Table-1-style comparison (mean +- s.e.m. over subjects, relative improvement, paired
-  tests; the numbers come from :func:`brainalign.studies._stats.summarize`);
+* a Table-1-style comparison at the subject level (both arms' mean +- s.e.m. over subjects,
+  the difference with its t and bootstrap 95 % CIs, d_z, p of the paired t-test and of the
+  exact sign-flip permutation test, the family-adjusted primary p, n subjects x seeds; the
+  numbers come from :func:`brainalign.studies._stats.summarize`, i.e. :mod:`brainalign.stats`);
+  the run-level mixed model, when there are several seeds, in a separate labelled list;
 * a per-subject table (seed means, differences, mean +- s.e.m. across subjects);
-* a Figure-1-style bar chart, ``runs.csv`` (every run: every p-value can be recomputed),
+* a Figure-1-style bar chart (``figure.png``) and a forest plot of the differences with their
+  CIs (``forest.png``), ``runs.csv`` (every run: every p-value can be recomputed),
   ``subjects.csv`` and ``stats.json``.
 
 A study that stopped early gets a *partial* report: only (subject, seed) cells where both
@@ -40,10 +44,14 @@ SUBJECT_COLUMNS = ("encoder", "backbone", "aligned_table", "base_table", "subjec
                    "base_top1", "diff_top1", "aligned_top5", "base_top5", "diff_top5")
 _LEGEND = (
     "Test retrieval accuracy (%) of the tested runs, mean ± s.e.m. over subjects (each subject averaged "
-    "over its seeds). Δ rel. = (aligned − base) / base. p: two-sided paired t-test (t) and Wilcoxon "
-    "signed-rank test (W) across subjects (seed-averaged) and across (subject, seed) runs. Hyperparameters "
-    "were selected on validation data only."
+    "over its seeds: seeds are not independent samples). Δ = aligned − base in points, mean over subjects "
+    "[95% CI, t-based]; boot.: subject bootstrap 95% CI; d_z = mean(Δ) / sd(Δ). p (t): paired t-test across "
+    "subjects; p (perm.): exact paired sign-flip permutation test across subjects (the primary test); "
+    "p (adj.): the primary p adjusted over all {m} comparisons of the study ({method}); stars only from it "
+    "(* < .05, ** < .01, *** < .001). All tests two-sided. Hyperparameters were selected on validation data "
+    "only."
 )
+_METHOD = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 
 
 # --------------------------------------------------------------------------- rows
@@ -159,20 +167,72 @@ def _rel(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:+.1f}%"
 
 
+def _ci(low: float, high: float) -> str:
+    return "n/a" if math.isnan(low) or math.isnan(high) else f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _num(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.2f}"
+
+
 def _table1(stats: Sequence[ComparisonStats]) -> tuple[list[str], list[list[str]]]:
-    header = ["Brain encoder", "Backbone", "Metric", "Base", "Human-aligned", "Δ rel.",
-              "p (t, subj.)", "p (t, runs)", "p (W, subj.)", "p (W, runs)", "n subj. × seeds", "chance"]
+    header = ["Brain encoder", "Backbone", "Metric", "Base", "Human-aligned", "Δ [95% CI]", "boot. CI", "d_z",
+              "p (t)", "p (perm.)", "p (adj.)", "sig.", "n subj. × seeds", "Δ rel.", "chance"]
     body = []
     for s in stats:
+        c = s.comparison
         body.append([
             s.encoder, f"{s.backbone} ({s.aligned_alignment} vs {s.base_alignment})",
             s.metric.replace("test_", "").replace("top", "top-"),
             _pct(s.base_subject_mean, s.base_subject_sem), _pct(s.aligned_subject_mean, s.aligned_subject_sem),
-            _rel(s.relative_improvement), _p(s.ttest_subjects.p), _p(s.ttest_runs.p),
-            _p(s.wilcoxon_subjects.p), _p(s.wilcoxon_runs.p), f"{s.n_subjects} × {s.n_seeds}",
-            "n/a" if math.isnan(s.chance) else f"{100 * s.chance:.1f}",
+            f"{_delta(c.mean_difference)} {_ci(c.ci_t.low, c.ci_t.high)}",
+            _ci(c.ci_bootstrap.low, c.ci_bootstrap.high), _num(c.d_z), _p(c.t_test.p), _p(c.permutation.p),
+            _p(c.permutation.p_adjusted), c.stars or "n.s.", c.design.replace(" x ", " × "),
+            _rel(s.relative_improvement), "n/a" if math.isnan(s.chance) else f"{100 * s.chance:.1f}",
         ])
     return header, body
+
+
+def _legend(stats: Sequence[ComparisonStats]) -> str:
+    c = stats[0].comparison if stats else None
+    method = _METHOD.get(c.correction, c.correction) if c is not None else "Holm"
+    return _LEGEND.format(m=c.family_size if c is not None else 0, method=method)
+
+
+def _reach(stats: Sequence[ComparisonStats]) -> list[str]:
+    """Say when the design cannot reach significance (the smallest attainable permutation p)."""
+    if not stats:
+        return []
+    min_p = min(s.comparison.permutation.min_p for s in stats)
+    alpha = stats[0].comparison.alpha
+    m = max(s.comparison.family_size for s in stats)
+    n = min(s.n_subjects for s in stats)
+    line = (f"Smallest attainable p of the permutation test with {n} subjects: {_p(min_p)}"
+            + (f" (after {_METHOD.get(stats[0].comparison.correction, '')} over {m}: {_p(min(1.0, m * min_p))})"
+               if m > 1 and stats[0].comparison.correction == "holm" else "") + ".")
+    if min_p >= alpha:
+        return [f"**This design cannot reach p < {alpha:g}**: {line} More subjects are needed (6 at least; "
+                "seeds do not help)."]
+    if stats[0].comparison.correction == "holm" and m * min_p >= alpha:
+        return [f"**After correction this design cannot reach p < {alpha:g}**: {line}"]
+    return [line]
+
+
+def _mixed_lines(stats: Sequence[ComparisonStats]) -> list[str]:
+    out = []
+    for s in stats:
+        mx = s.comparison.mixed
+        if mx is None or math.isnan(mx.estimate):
+            continue
+        se = "" if math.isnan(mx.se) else f" ± {100 * mx.se:.1f} (s.e.)"
+        p = "" if math.isnan(mx.p) else f", Wald p = {_p(mx.p)}"
+        out.append(f"- {s.label}: estimate {_delta(mx.estimate)}{se}{p}; {mx.n_runs} runs, {mx.n_subjects} subjects"
+                   + ("" if mx.converged else " (did not converge)"))
+    if out:
+        label = next(s.comparison.mixed.label for s in stats if s.comparison.mixed is not None)
+        out.insert(0, f"Run-level check, not the headline ({label}; its normal reference is optimistic with few "
+                      "subjects), Δ in points:")
+    return out
 
 
 def _subject_tables(subjects: Sequence[SubjectRow], stats: Sequence[ComparisonStats]
@@ -236,16 +296,16 @@ class Report:
         """Title, protocol, Table 1 with its legend, per-subject tables and notes."""
         lines = [f"### {self.title}", "", self.protocol, ""]
         if self.stats:
-            lines += [*_md_table(*_table1(self.stats)), "", _LEGEND]
+            lines += [*_md_table(*_table1(self.stats)), "", _legend(self.stats), "", *_reach(self.stats)]
         else:
             lines.append("No subject and seed has finished runs of both arms yet: nothing to compare.")
         for caption, header, body in _subject_tables(self.subjects, self.stats):
             lines += ["", f"{caption}:", "", *_md_table(header, body)]
+        mixed = _mixed_lines(self.stats)
+        if mixed:
+            lines += ["", *mixed]
         if self.stats:
-            lines += ["", "Means over all (subject, seed) runs (± s.e.m.):"]
-            lines += [f"- {s.encoder} × {s.backbone} {s.metric}: over (subject, seed) runs base "
-                      f"{_pct(s.base_run_mean, s.base_run_sem)}, aligned {_pct(s.aligned_run_mean, s.aligned_run_sem)}"
-                      for s in self.stats]
+            lines += ["", "Figures: `figure.png` (accuracies), `forest.png` (differences with 95% CIs)."]
         notes = sorted({f"- {s.encoder} × {s.backbone} {s.metric}: {n}" for s in self.stats for n in s.notes})
         if notes:
             lines += ["", "Notes:", *notes]
@@ -257,7 +317,14 @@ class Report:
         esc = html.escape
         parts = [f"<h3>{esc(self.title)}</h3><p>{esc(self.protocol)}</p>"]
         if self.stats:
-            parts.append(_html_table(*_table1(self.stats)) + f"<p>{esc(_LEGEND)}</p>")
+            parts.append(_html_table(*_table1(self.stats)) + f"<p>{esc(_legend(self.stats))}</p>"
+                         + "".join(f"<p>{esc(x.replace('**', ''))}</p>" for x in _reach(self.stats))
+                         + "<div style='display:flex;gap:12px;align-items:flex-start'><img src='figure.png' "
+                           "alt='accuracies'><img src='forest.png' alt='differences with 95% CIs'></div>")
+        mixed = _mixed_lines(self.stats)
+        if mixed:
+            parts.append(f"<p>{esc(mixed[0])}</p><ul>" + "".join(f"<li>{esc(x[2:])}</li>" for x in mixed[1:])
+                         + "</ul>")
         for caption, header, body in _subject_tables(self.subjects, self.stats):
             parts.append(f"<h4>{esc(caption)}</h4>" + _html_table(header, body))
         notes = "".join(f"<li>{esc(f'{s.encoder} × {s.backbone} {s.metric}: {n}')}</li>"
@@ -275,18 +342,21 @@ class Report:
         out: dict[str, float] = {"report.n_runs": float(len(self.rows))}
         for s in self.stats:
             pre = f"{s.encoder}.{s.backbone}.{s.metric}"
+            c = s.comparison
             for name, v in (("aligned_mean", s.aligned_subject_mean), ("base_mean", s.base_subject_mean),
                             ("diff_mean", s.diff_subject_mean), ("diff_sem", s.diff_subject_sem),
+                            ("diff_ci_low", c.ci_t.low), ("diff_ci_high", c.ci_t.high), ("d_z", c.d_z),
                             ("rel_improvement", s.relative_improvement), ("n_subjects", float(s.n_subjects)),
-                            ("p_ttest_subjects", s.ttest_subjects.p), ("p_ttest_runs", s.ttest_runs.p),
-                            ("p_wilcoxon_subjects", s.wilcoxon_subjects.p), ("p_wilcoxon_runs", s.wilcoxon_runs.p)):
+                            ("p_ttest", c.t_test.p), ("p_permutation", c.permutation.p),
+                            ("p_permutation_adjusted", c.permutation.p_adjusted),
+                            ("p_wilcoxon", c.wilcoxon.p)):
                 if not math.isnan(v):
                     out[f"{pre}.{name}"] = v
         return out
 
 
 def build_report(rows: Sequence[FinalRow], *, title: str, protocol: str, subjects: Sequence[str],
-                 expected: int) -> Report:
+                 expected: int, correction: str = "holm") -> Report:
     """Compute a report from the tested runs.
 
     Parameters
@@ -299,6 +369,8 @@ def build_report(rows: Sequence[FinalRow], *, title: str, protocol: str, subject
         The study's subjects (rows of the per-subject tables, in this order).
     expected : int
         How many tested runs the plan has; fewer rows make the report *partial*.
+    correction : {"holm", "bh"}
+        Family-wise method over all comparisons of the report.
 
     Returns
     -------
@@ -308,14 +380,8 @@ def build_report(rows: Sequence[FinalRow], *, title: str, protocol: str, subject
     paired = complete_pairs(rows)
     if partial:
         title = f"{title} (PARTIAL: {len(rows)} of {expected} runs finished)"
-    return Report(title=title, protocol=protocol, rows=list(rows), stats=summarize(paired) if paired else [],
+    return Report(title=title, protocol=protocol, rows=list(rows), stats=summarize(paired, correction=correction) if paired else [],
                   subjects=_subject_rows(paired, subjects), partial=partial)
-
-
-def _stars(p: float) -> str:
-    if math.isnan(p):
-        return ""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "n.s."
 
 
 def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "") -> None:
@@ -341,7 +407,8 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
         ax.bar(x + w / 2, al, w, yerr=ae, capsize=3, label="human-aligned", color="#1f77b4")
         for i, s in enumerate(sel):
             top = max(base[i] + be[i], al[i] + ae[i])
-            ax.text(x[i], top * 1.03 + 0.5, _stars(s.ttest_subjects.p), ha="center", va="bottom", fontsize=9)
+            mark = s.comparison.stars or ("n.s." if math.isfinite(s.comparison.permutation.p_adjusted) else "")
+            ax.text(x[i], top * 1.03 + 0.5, mark, ha="center", va="bottom", fontsize=9)
             if not math.isnan(s.chance):
                 ax.hlines(100 * s.chance, x[i] - w, x[i] + w, colors="k", linestyles=":", linewidth=1)
         ax.set_xticks(x, [f"{s.encoder}\n{s.backbone}" for s in sel])
@@ -351,9 +418,42 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
                             *(a + e for a, e in zip(al, ae, strict=True)), 1.0]) * 1.25)
         ax.legend(frameon=False, fontsize=8)
     fig.suptitle(title or "Human-aligned vs base image embeddings", fontsize=10)
-    fig.text(0.01, 0.01, "mean ± s.e.m. over subjects; * p<.05, ** p<.01, *** p<.001 (paired t-test across "
-             "subjects); dotted: chance", fontsize=7)
+    method = _METHOD.get(stats[0].comparison.correction, "") if stats else ""
+    fig.text(0.01, 0.01, f"mean ± s.e.m. over subjects; * p<.05, ** p<.01, *** p<.001: exact sign-flip permutation "
+             f"test across subjects, {method}-adjusted over the study; dotted: chance", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def render_forest(stats: Sequence[ComparisonStats], path: Path, title: str = "") -> None:
+    """A forest plot: every comparison's mean difference (aligned − base, points) with its
+    t-based 95 % CI (thick) and subject-bootstrap CI (thin), adjusted p on the right, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(stats)
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.45 * n))
+    y = np.arange(n)[::-1]
+    for yi, s in zip(y, stats, strict=True):
+        c = s.comparison
+        m = 100 * c.mean_difference
+        if math.isfinite(c.ci_bootstrap.low):
+            ax.hlines(yi - 0.18, 100 * c.ci_bootstrap.low, 100 * c.ci_bootstrap.high, color="#757575", linewidth=1.2)
+        if math.isfinite(c.ci_t.low):
+            ax.hlines(yi, 100 * c.ci_t.low, 100 * c.ci_t.high, color="#1f77b4", linewidth=3)
+        ax.plot([m], [yi], "o", color="k", markersize=5)
+        p = c.permutation.p_adjusted
+        ax.annotate(f"p_adj={_p(p)} {c.stars}".rstrip(), xy=(1.01, yi), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=7)
+    ax.axvline(0, color="k", linestyle=":", linewidth=1)
+    ax.set_yticks(y, [f"{s.label}\n({s.comparison.design.replace(' x ', '×')})" for s in stats], fontsize=7)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel("aligned − base (points): mean over subjects, 95% CI (t: thick; bootstrap: thin, below)", fontsize=8)
+    ax.set_title(title or "Differences with 95% CIs", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
@@ -382,7 +482,8 @@ def _subjects_csv(subjects: Sequence[SubjectRow]) -> str:
 
 def write_report(report: Report, out_dir: Path, context: Mapping[str, Any] | None = None) -> Report:
     """Write ``table.md``, ``table.html``, ``runs.csv``, ``subjects.csv``, ``stats.json`` and
-    (when there is something to compare) ``figure.png`` into ``out_dir``; sets ``report.files``.
+    (when there is something to compare) ``figure.png`` and ``forest.png`` into ``out_dir``;
+    sets ``report.files``.
 
     Parameters
     ----------
@@ -408,7 +509,7 @@ def write_report(report: Report, out_dir: Path, context: Mapping[str, Any] | Non
         "subjects.csv": _subjects_csv(report.subjects),
         "stats.json": json.dumps(_jsonable({
             "context": dict(context or {}), "partial": report.partial,
-            "comparisons": [asdict(s) for s in report.stats], "runs": [asdict(r) for r in report.rows]},
+            "comparisons": [s.to_dict() for s in report.stats], "runs": [asdict(r) for r in report.rows]},
         ), indent=2, sort_keys=True),
     }
     files = {}
@@ -420,7 +521,11 @@ def write_report(report: Report, out_dir: Path, context: Mapping[str, Any] | Non
         with atomic_file(out_dir / "figure.png") as tmp:
             render_figure(report.stats, tmp, report.title)
         files["figure.png"] = out_dir / "figure.png"
+        with atomic_file(out_dir / "forest.png") as tmp:
+            render_forest(report.stats, tmp, report.title)
+        files["forest.png"] = out_dir / "forest.png"
     else:
         (out_dir / "figure.png").unlink(missing_ok=True)
+        (out_dir / "forest.png").unlink(missing_ok=True)
     report.files = files
     return report

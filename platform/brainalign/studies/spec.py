@@ -73,7 +73,7 @@ INHERIT_NEVER = frozenset(STUDY_OWNED) | MACHINE_KEYS
 
 _TABLES = ("study", "resources", "config")
 _COMMON_KEYS = ("kind", "name", "experiment", "description", "dataset", "simulate", "subjects", "encoders",
-                "pairs", "max_epochs", "final_seeds")
+                "pairs", "max_epochs", "final_seeds", "correction")
 _RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
 _SIMULATE_KEYS = ("preset", "seed", "null", "overrides")
 _ENCODER_KEYS = ("name", "searchspace")
@@ -334,6 +334,9 @@ class Study:
         Flat ``[config]``: TrainConfig keys shared by every run.
     overrides : mapping
         Flat config overrides from ``--set`` (win over ``[config]`` and inherited configs).
+    correction : {"holm", "bh"}
+        Family-wise correction over all comparisons of the report (Holm: family-wise error
+        rate, the default; ``bh``: Benjamini-Hochberg false discovery rate).
     options : KindOptions or None
         The kind's own settings.
     path : str
@@ -355,6 +358,7 @@ class Study:
     resources: Resources
     config: Mapping[str, Any]
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    correction: str = "holm"
     options: Any = None
     path: str = ""
 
@@ -421,7 +425,7 @@ class Study:
             "resources": {k: getattr(self.resources, k) for k in _RESOURCE_KEYS},
             "config": plain(self.config), "overrides": plain(self.overrides),
             "options": self.options.to_json() if self.options is not None else None,
-        }
+        } | ({"correction": self.correction} if self.correction != "holm" else {})  # old fingerprints stay valid
 
     def fingerprint(self) -> str:
         """Short hash of :meth:`to_json`."""
@@ -604,6 +608,8 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
         max_epochs=max_epochs, final_seeds=_parse_seeds(w, st.get("final_seeds", 3)),
         resources=_parse_resources(where, doc.get("resources", {})),
         config=config, overrides=overrides, path=str(p),
+        correction=check_option(f"{w} correction", as_str(f"{w} correction", st.get("correction", "holm")),
+                                ("holm", "bh")),
     )
     study = replace(study, options=kind.parse(w, st, study))
     for arm in study.arms():  # every run's config must be valid (warmup < epochs, batch sizes...)
