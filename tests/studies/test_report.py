@@ -124,3 +124,37 @@ def test_rows_from_runs_takes_finished_tested_runs_of_the_plan() -> None:
     assert [(r.arm, r.test_top1, r.run_id) for r in rows] == [("aligned", 0.4, "a/sub-01/seed-0-2"),
                                                                ("base", 0.2, "b/sub-01/seed-0-1")]
     assert rows[0].test_n_way == 200.0 and rows[0].seed == 0
+
+
+def test_combine_reports_is_weighted_stouffer_of_one_sided_mid_p() -> None:
+    from scipy import stats as st
+
+    from brainalign._checks import BrainalignError
+    from brainalign.studies.report import combine_reports
+
+    def rep(n_sub: int, seed: int, encoder: str) -> object:
+        rows = [FinalRow(encoder, r.backbone, r.alignment, r.arm, r.subject, r.seed, r.run_id, r.test_top1,
+                         r.test_top5, r.test_n_way) for r in _rows(n_sub=n_sub, n_seed=1, seed=seed)]
+        return build_report(rows, title="x", protocol="p", subjects=sorted({r.subject for r in rows}),
+                            expected=len(rows))
+
+    reports = {"eeg": rep(6, 1, "nice"), "meg": rep(4, 2, "nice"), "fmri": rep(9, 3, "mlp")}
+    comb = combine_reports(reports)
+    assert [r.metric for r in comb.rows] == ["test_top1", "test_top5"] and not comb.skipped
+    top1 = comb.rows[0]
+    mids = [next(s for s in reports[n].stats if s.metric == "test_top1").comparison.permutation.p_greater_mid
+            for n in ("eeg", "meg", "fmri")]
+    w = np.sqrt([6, 4, 9])
+    z = float(np.sum(w * st.norm.isf(mids)) / np.sqrt(np.sum(w**2)))
+    assert top1.combined.z == pytest.approx(z) and top1.combined.p_greater == pytest.approx(st.norm.sf(z))
+    assert top1.studies == ["eeg", "meg", "fmri"] and top1.encoders == ["nice", "nice", "mlp"]
+    assert top1.n_subjects == [6, 4, 9]
+    assert "Stouffer" in comb.markdown and "eeg (nice)" in comb.markdown
+    with pytest.raises(BrainalignError, match="at least two studies"):
+        combine_reports({"eeg": reports["eeg"]})
+    two_encoders = build_report(
+        _rows() + [FinalRow("atms", *x) for x in [(r.backbone, r.alignment, r.arm, r.subject, r.seed, r.run_id + "b",
+                                                   r.test_top1, r.test_top5, r.test_n_way) for r in _rows()]],
+        title="x", protocol="p", subjects=["01", "02"], expected=16)
+    with pytest.raises(BrainalignError, match="not independent"):
+        combine_reports({"a": two_encoders, "b": reports["eeg"]})

@@ -46,7 +46,15 @@ from ..paths import Locations
 from ._state import STATE_FILE, StudyState
 from .data import ensure_dataset, validate_data
 from .progress import LiveView, status_lines
-from .report import Report, build_report, rows_from_runs, write_report
+from .report import (
+    CombinedReport,
+    Report,
+    build_report,
+    combine_reports,
+    rows_from_runs,
+    write_combined,
+    write_report,
+)
 from .spec import Study, kind_info
 from .units import Plan, RunUnit, SearchUnit, StudyContext
 
@@ -57,6 +65,7 @@ __all__ = [
     "StudyOutcome",
     "check_locations",
     "check_study",
+    "combine_studies",
     "make_plan",
     "ray_job_id",
     "render_report",
@@ -541,6 +550,30 @@ def render_report(study: Study) -> Report:
     if not run_id:
         raise BrainalignError(f"study {study.name} has no study run in experiment {study.experiment!r} at {uri}.")
     return _render(study, plan, run_id, uri)
+
+
+def combine_studies(studies: Sequence[Study]) -> CombinedReport:
+    """``brainalign study report A B C``: re-render each study's report from MLflow and combine
+    the comparisons they share with Stouffer's z (weights sqrt(n subjects)); written to
+    ``$BRAINALIGN_HOME/reports/combined-<A>+<B>+.../`` (correction: the first study's).
+
+    Raises
+    ------
+    BrainalignError
+        Fewer than two studies, the same study twice, a study of a kind without a report
+        (calibrate), or what :func:`~brainalign.studies.report.combine_reports` refuses.
+    """
+    names = [s.name for s in studies]
+    if len(set(names)) != len(names):
+        raise BrainalignError(f"a study is named twice: {names}; combine different studies.")
+    reports: dict[str, Report] = {}
+    for st in studies:
+        rep = render_report(st)
+        if not isinstance(rep, Report):
+            raise BrainalignError(f"study {st.name} is a {st.kind} study: it has no comparison to combine.")
+        reports[st.name] = rep
+    combined = combine_reports(reports, correction=studies[0].correction if studies else "holm")
+    return write_combined(combined, paths.home() / "reports" / ("combined-" + "+".join(names)))
 
 
 def study_status(study: Study) -> list[str]:

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from ..stats import stars
 from ..tracking import RunRecord
 from ._stats import METRICS, ComparisonStats, FinalRow, summarize
 
-__all__ = ["Report", "build_report", "complete_pairs", "read_runs_csv", "rows_from_runs", "runs_csv",
-           "write_report"]
+__all__ = ["CombinedReport", "Report", "build_report", "combine_reports", "complete_pairs", "read_runs_csv",
+           "rows_from_runs", "runs_csv", "write_combined", "write_report"]
 
 RUN_COLUMNS = ("encoder", "backbone", "alignment", "arm", "subject", "seed", "run_id", "test_top1", "test_top5",
                "test_n_way")
@@ -529,3 +530,148 @@ def write_report(report: Report, out_dir: Path, context: Mapping[str, Any] | Non
         (out_dir / "forest.png").unlink(missing_ok=True)
     report.files = files
     return report
+
+
+# --------------------------------------------------------------------------- across studies
+@dataclass
+class CombinedRow:
+    """One comparison (backbone pair x metric) combined across studies."""
+
+    backbone: str
+    aligned_alignment: str
+    base_alignment: str
+    metric: str
+    studies: list[str]
+    encoders: list[str]
+    n_subjects: list[int]
+    mean_differences: list[float]
+    ci_low: list[float]
+    ci_high: list[float]
+    p_greater_mid: list[float]
+    combined: Any  # brainalign.stats.StoufferResult
+    p_adjusted: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("backbone", "aligned_alignment", "base_alignment", "metric", "studies",
+                                            "encoders", "n_subjects", "mean_differences", "ci_low", "ci_high",
+                                            "p_greater_mid", "p_adjusted")}
+        return _jsonable(d | {"stouffer": self.combined.to_dict()})
+
+
+@dataclass
+class CombinedReport:
+    """Several studies' reports combined per comparison (``markdown``, ``rows``, ``files``)."""
+
+    title: str
+    rows: list[CombinedRow]
+    skipped: list[str]
+    correction: str = "holm"
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.rows:
+            header = ["Backbone", "Metric", "Per study: Δ [95% CI] (n subj., one-sided mid-p)", "Stouffer z",
+                      "p (aligned > base)", "p (two-sided)", "p (adj.)", "sig."]
+            body = []
+            for r in self.rows:
+                per = "; ".join(f"{st} ({enc}): {_delta(m)} {_ci(lo, hi)} (n={n}, p={_p(p)})" for st, enc, m, lo, hi, n, p
+                                in zip(r.studies, r.encoders, r.mean_differences, r.ci_low, r.ci_high, r.n_subjects,
+                                       r.p_greater_mid, strict=True))
+                body.append([f"{r.backbone} ({r.aligned_alignment} vs {r.base_alignment})",
+                             r.metric.replace("test_", "").replace("top", "top-"), per, f"{r.combined.z:+.2f}",
+                             _p(r.combined.p_greater), _p(r.combined.p_two_sided), _p(r.p_adjusted),
+                             stars(r.p_adjusted) or "n.s."])
+            lines += [*_md_table(header, body), "",
+                      "Stouffer's weighted z of each study's one-sided exact permutation mid-p for \"aligned > base\" "
+                      "(weights sqrt(n subjects), as MOABB's meta-analysis; scipy.stats.combine_pvalues). p (adj.): "
+                      f"the two-sided combined p, {_METHOD.get(self.correction, self.correction)}-adjusted over the "
+                      f"{len(self.rows)} combined comparisons; stars only from it. Δ in points."]
+        else:
+            lines.append("No comparison is shared by two or more of these studies: nothing to combine.")
+        if self.skipped:
+            lines += ["", "Not combined:", *[f"- {x}" for x in self.skipped]]
+        return "\n".join(lines) + "\n"
+
+
+def combine_reports(reports: Mapping[str, Report], *, correction: str = "holm") -> CombinedReport:
+    """Combine the same comparison (backbone pair x metric) across studies with Stouffer's z.
+
+    Parameters
+    ----------
+    reports : mapping of str to Report
+        Study name -> its (complete) report. The studies must be independent (different
+        subjects, e.g. an EEG, a MEG and an fMRI study).
+    correction : {"holm", "bh"}
+        Family-wise method over the combined comparisons.
+
+    Returns
+    -------
+    CombinedReport
+        A comparison found in fewer than two studies is listed as skipped.
+
+    Raises
+    ------
+    BrainalignError
+        Fewer than two reports, a partial report, or a study with several brain encoders
+        on one pair (their comparisons share subjects: not independent studies).
+    """
+    from .._checks import BrainalignError
+    from ..stats import adjust_pvalues, combine_studies
+
+    if len(reports) < 2:
+        raise BrainalignError(f"combining needs at least two studies, got {list(reports)}.")
+    groups: dict[tuple[str, str, str, str], list[tuple[str, ComparisonStats]]] = {}
+    for name, rep in reports.items():
+        if rep.partial:
+            raise BrainalignError(f"study {name}: its report is partial ({rep.title}); finish it before combining.")
+        seen: dict[tuple[str, str, str, str], str] = {}
+        for s in rep.stats:
+            key = (s.backbone, s.aligned_alignment, s.base_alignment, s.metric)
+            if key in seen:
+                raise BrainalignError(
+                    f"study {name} compares {s.backbone} ({s.aligned_alignment} vs {s.base_alignment}) with brain "
+                    f"encoders {seen[key]!r} and {s.encoder!r} on the same subjects: they are not independent "
+                    "studies. Combine studies with one encoder per pair (e.g. --set study.encoders=[\"nice\"])."
+                )
+            seen[key] = s.encoder
+            groups.setdefault(key, []).append((name, s))
+    rows, skipped = [], []
+    for key, items in sorted(groups.items()):
+        if len(items) < 2:
+            skipped.append(f"{key[0]} ({key[1]} vs {key[2]}) {key[3]}: only in study {items[0][0]}")
+            continue
+        undefined = [n for n, s in items if not math.isfinite(s.comparison.permutation.p_greater_mid)]
+        if undefined:
+            skipped.append(f"{key[0]} ({key[1]} vs {key[2]}) {key[3]}: primary test undefined in {undefined}")
+            continue
+        comb = combine_studies([s.comparison for _, s in items])
+        rows.append(CombinedRow(
+            backbone=key[0], aligned_alignment=key[1], base_alignment=key[2], metric=key[3],
+            studies=[n for n, _ in items], encoders=[s.encoder for _, s in items],
+            n_subjects=[s.n_subjects for _, s in items],
+            mean_differences=[s.comparison.mean_difference for _, s in items],
+            ci_low=[s.comparison.ci_t.low for _, s in items], ci_high=[s.comparison.ci_t.high for _, s in items],
+            p_greater_mid=[s.comparison.permutation.p_greater_mid for _, s in items], combined=comb,
+        ))
+    for r, p in zip(rows, adjust_pvalues([r.combined.p_two_sided for r in rows], correction), strict=True):
+        r.p_adjusted = p
+    title = f"Across studies {', '.join(reports)}: human-aligned vs base (Stouffer, weights sqrt(n subjects))"
+    return CombinedReport(title=title, rows=rows, skipped=skipped, correction=correction)
+
+
+def write_combined(combined: CombinedReport, out_dir: Path) -> CombinedReport:
+    """Write ``combined.md`` and ``combined.json`` into ``out_dir`` (a report folder)."""
+    from .._io import atomic_file, claim_dir
+
+    claim_dir(out_dir, "report")
+    texts = {"combined.md": combined.markdown,
+             "combined.json": json.dumps({"title": combined.title, "correction": combined.correction,
+                                          "rows": [r.to_dict() for r in combined.rows], "skipped": combined.skipped},
+                                         indent=2, sort_keys=True)}
+    for name, text in texts.items():
+        with atomic_file(out_dir / name) as tmp:
+            tmp.write_text(text)
+        combined.files[name] = out_dir / name
+    return combined
