@@ -113,7 +113,10 @@ def _study(args: argparse.Namespace) -> int:
     if args.action == "check":
         plan = check_study(study)
         out.write("\n".join(plan.describe()) + "\n")
-        out.write(f"dataset {study.dataset_path}: subjects, tables and encoders check out\n")
+        if hasattr(plan, "execute"):  # calibrate: every draw simulates its own data
+            out.write(f"draws' data under {study.dataset_path} (simulated per draw); run configs check out\n")
+        else:
+            out.write(f"dataset {study.dataset_path}: subjects, tables and encoders check out\n")
         return 0
     return run(study, mode="resume" if args.resume else "fresh" if args.fresh else "auto", quiet=args.quiet)
 
