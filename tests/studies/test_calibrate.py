@@ -101,7 +101,7 @@ def test_smoke_calibration_runs_draws_over_ray_and_resumes(ray_session: object, 
     for d in rep.draws:
         for m in ("test_top1", "test_top5"):
             assert 0.0 <= d[m]["p"]["permutation"] <= 1.0 or math.isnan(d[m]["p"]["permutation"])
-            assert d[m]["min_p"] == pytest.approx(0.5)  # 2 subjects: the design cannot reach 0.05
+            assert d[m]["min_p"] >= 0.5  # 2 subjects: the design cannot reach 0.05 (1.0 if both differences are 0)
     assert "cannot reach p < 0.05" in rep.markdown and "Rejections / draws" in rep.markdown
     assert {"calibration.md", "calibration.json", "figure.png"} <= set(rep.files)
     assert rep.files["figure.png"].read_bytes()[:4] == b"\x89PNG"
