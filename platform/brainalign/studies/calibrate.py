@@ -554,6 +554,9 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
                                 params={"study.kind": st.kind, "study.file": st.path,
                                         "study.fingerprint": st.fingerprint()} | plan.params()
                                 | {f"config.{k}": v for k, v in st.config.items()}, uri=uri)
+    from .engine import study_folder
+
+    claim_dir(study_folder(st), "study-storage")  # refuses a folder brainalign did not create
     record = draws_file(st)
     draws = load_draws(st)
     have = {(d["effect"], d["index"]) for d in draws}
@@ -598,11 +601,10 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
 
 
 def draws_file(study: Study) -> Path:
-    """``<study folder>/draws.jsonl``: one line per finished draw."""
-    from .._io import claim_dir
+    """``<study folder>/draws.jsonl``: one line per finished draw (the folder is created by a run)."""
     from .engine import study_folder
 
-    return claim_dir(study_folder(study), "study-storage") / "draws.jsonl"
+    return study_folder(study) / "draws.jsonl"
 
 
 def load_draws(study: Study) -> list[dict[str, Any]]:

@@ -579,7 +579,16 @@ def combine_studies(studies: Sequence[Study]) -> CombinedReport:
 def study_status(study: Study) -> list[str]:
     """What ``brainalign study status`` prints: searches, trials and tested runs, from MLflow."""
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: its recorded draws
+        from .calibrate import draws_file, load_draws
+
+        draws = load_draws(study)
+        done = {e: sum(d["effect"] == e for d in draws) for e in study.options.effects}
+        return [f"study {study.name} ({study.kind})",
+                "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws}" for e, n in done.items()),
+                f"  recorded in: {draws_file(study)}"]
     run_id = _study_run_id(study, uri)
     state = study_folder(study) / STATE_FILE
     extra = [f"  state: {state}" if state.is_file() else "  state: none (not started here)"]
-    return status_lines(study, make_plan(study, uri), run_id, uri, extra)
+    return status_lines(study, plan, run_id, uri, extra)
