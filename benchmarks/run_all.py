@@ -46,6 +46,7 @@ BENCHES: dict[str, str | None] = {
     "retrieval": "bench_retrieval.py",
     "memory": "bench_memory.py",
     "embed": "bench_embed.py",
+    "run_overhead": "bench_run_overhead.py",
     "gpu": None,
 }
 TITLES = {
@@ -55,6 +56,7 @@ TITLES = {
     "retrieval": "4. Retrieval at scale: exact ranks vs the float32 GEMM floor",
     "memory": "5. Memory: Train worker peak RSS, 1 vs 4 subjects",
     "embed": "7. Image embedding: Ray Data pipeline vs sequential loop (issue 4)",
+    "run_overhead": "8. Run overhead: a mini final through the platform vs the same loop in-process",
     "gpu": "6. GPU",
 }
 WHAT = {
@@ -102,8 +104,22 @@ WHAT = {
         "the pipeline's fixed costs (worker processes, the model actor, task scheduling) dwarf: Ray Data "
         "pays off where decoding and a real backbone (ViT-B, on GPUs) dominate, which no GPU here could measure."
     ),
+    "run_overhead": (
+        "Wall seconds per tested run of a mini final (simulated mini, subject 01, 12 epochs, the mini study's "
+        "recipe) through `brainalign.train.runner` (checks, MLflow run, TorchTrainer on Ray Data, per-epoch "
+        "MLflow logging, checkpoint, test, artifacts), dispatched one run per Train worker group and as a pack "
+        "of 3 seeds trained one after the other by one worker group (what the study engine does), vs the same "
+        "loop functions, batch order, early stopping and test retrieval in one process (before and after). "
+        "The test metrics must be equal on all sides. Raw: the start-up breakdown of a lone run. The "
+        "closing note gives `make sweep` before/after."
+    ),
     "gpu": "Skipped: no GPU is lent to this task; the CPU figures above are the only ones measured.",
 }
+
+
+#: Measured by hand (two full `make sweep` runs side by side take too long for `make bench`);
+#: the commands are in the note. Edit when re-measured.
+SWEEP_NOTE: list[str] = ["(not measured yet)"]
 
 
 def _run_one(name: str, script: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -239,6 +255,7 @@ def render(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], command
                 lines.append("- Raw figures:")
                 lines += [f"  - `{k}`: {json.dumps(v, default=str)}" for k, v in r.raw.items()]
             lines.append("")
+    lines += ["## Closing note: `make sweep` before/after (issue 15)", "", *SWEEP_NOTE, ""]
     lines += [
         f"{MARK}",
         json.dumps(payloads, default=str),

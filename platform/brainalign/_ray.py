@@ -52,24 +52,45 @@ MIN_LOCAL_CPUS = 4
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOCAL_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
     """Make Ray keep ``_node_ip_address="127.0.0.1"`` instead of resolving it to the network
-    address (for the start of a local instance only; the daemons inherit the variable)."""
+    address (for the start of a local instance only; the daemons inherit the variable).
+
+    Also fix the new instance's GCS port and give its daemons (hence every Ray worker process)
+    ``RAY_ADDRESS`` pointing at it. Ray's State API, called without an address inside workers
+    (Train V2's ``PlacementGroupCleaner`` asks it whether a controller is alive), otherwise
+    scans the machine for GCS processes and fails with "Found multiple active Ray instances"
+    when another local Ray runs (other users, tests, benchmarks): the cleaner's thread dies, the
+    placement groups of trials ASHA stopped are never freed and a study waits forever for CPUs.
+    The driver's own environment is restored afterwards.
+    """
     from ray._private import ray_constants
 
-    before_env = os.environ.get(_CLUSTER_ENV)
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in (_CLUSTER_ENV, "RAY_ADDRESS", ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE)}
     before = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_CLUSTER_ENV] = "0"
+    os.environ[ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{LOCAL_HOST}:{port}"  # for the daemons; ray.init gets address="local"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
-        if before_env is None:
-            os.environ.pop(_CLUSTER_ENV, None)
-        else:
-            os.environ[_CLUSTER_ENV] = before_env
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attempts: int = 3) -> None:

@@ -9,7 +9,8 @@ Train run* (the Train V2 pattern):
   reports the selection metric;
 * the **tested runs** (:func:`run_units`): a grid over unit keys, each a Train run that is
   tested; Tune gives them bounded concurrency and resume. It is the one function that
-  dispatches run units (a later version may pack several units into one Train worker group).
+  dispatches run units: one Tune trial per *pack* (an arm's seeds on one subject,
+  :func:`pack_units`), whose runs one Train worker group trains one after the other.
 
 Both live under ``<study folder>/<name>`` and are resumed with ``Tuner.restore``. Tune's own
 console output (status tables, warnings) goes to the study's log file, not the terminal.
@@ -18,6 +19,7 @@ console output (status tables, warnings) goes to the study's log file, not the t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -39,7 +41,8 @@ from .searchspace import ParamSpec
 from .spec import Resources
 from .units import RunUnit, SearchUnit
 
-__all__ = ["SearchOutcome", "TrialSummary", "UnitsOutcome", "max_concurrent_trials", "run_search", "run_units"]
+__all__ = ["SearchOutcome", "TrialSummary", "SEARCH_CONCURRENCY", "UnitsOutcome", "max_concurrent_trials", "pack_units", "run_search",
+           "run_units"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,18 @@ def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) ->
             )
         n = min(n, int(gpus // resources.workers_per_trial))
     return n
+
+
+#: Trials of one search run one at a time, so that a search's result does not depend on timing.
+#: ASHA (``_Bracket.on_result``) stops a trial at a rung when its value is below the
+#: ``1 - 1/reduction_factor`` quantile of the values recorded at that rung *so far*: with two
+#: concurrent trials, which of them reaches a rung first depends on the machine's load, and so
+#: does which one is stopped, and therefore the best config and every final run trained from it
+#: (observed: base 10.7/31.1 vs 16.9/43.9 top-1/top-5 for the same study on an idle and a loaded
+#: machine). Optuna's TPE draws its first ``n_startup_trials`` (10) configs from its seeded random
+#: sampler whatever has finished, and from then on from the trials completed before each draw,
+#: which one-at-a-time also fixes. Trials are deterministic themselves (seeded, fixed threads).
+SEARCH_CONCURRENCY = 1
 
 
 # --------------------------------------------------------------------------- search space
@@ -170,32 +185,52 @@ def _search_trial(params: dict[str, Any], unit: SearchUnit) -> None:
     run_training(cfg, spec, callbacks=[TuneReportCallback()])  # type: ignore[no-untyped-call]
 
 
-def _unit_trial(config: dict[str, Any], units: Mapping[str, RunUnit], state_path: str) -> None:
-    """Tune function trainable: one run unit = one Train run and its test evaluation."""
+def pack_units(units: Sequence[RunUnit]) -> dict[str, list[RunUnit]]:
+    """The run units grouped into packs: one pack per arm and subject (all its seeds), in order.
+
+    A pack is trained by one Train worker group, its runs one after the other
+    (:func:`~brainalign.train.runner.run_pack`): the start-up is paid once per pack instead
+    of once per run, and every run is still its own MLflow run with the results it would get
+    alone. The grouping depends on the units only (not on the cluster), so a resumed study
+    finds the same packs under the same keys.
+    """
+    packs: dict[str, list[RunUnit]] = {}
+    for u in units:
+        packs.setdefault(f"{u.arm.name}/sub-{u.subject}", []).append(u)
+    return packs
+
+
+def _pack_trial(config: dict[str, Any], packs: Mapping[str, Sequence[RunUnit]], state_path: str) -> None:
+    """Tune function trainable: one pack of run units = one Train run that trains them one
+    after the other, then tests each; units the state file already records are skipped."""
     import ray.tune
 
-    from ..train.runner import run_training
+    from ..train.runner import run_pack
 
     _quiet_data()
-    key = config["unit"]
-    done = recorded_final(Path(state_path), key)
-    if done is not None:  # finished by an earlier attempt whose Tune state was not saved
-        ray.tune.report(done | {"unit": key})
-        return
-    unit = units[key]
+    key = config["pack"]
     tid = ray.tune.get_context().get_trial_id()
-    spec = replace(unit.spec, tags=dict(unit.spec.tags) | {"tune_trial_id": tid},
-                   storage_name=f"{unit.spec.storage_name}-{tid}")
-    res = run_training(unit.config, spec)
-    ray.tune.report({
-        "unit": key,
-        "run_id": res.run_id,
-        "test_top1": res.test["test_top1"],
-        "test_top5": res.test["test_top5"],
-        "test_n_way": res.test.get("test_n_way", float("nan")),
-        "val_top1_best": res.val.get("val_top1_best", float("nan")),
-        "best_epoch": res.best_epoch,
-    })
+    done: dict[str, dict[str, Any]] = {}
+    todo: list[RunUnit] = []
+    for unit in packs[key]:
+        rec = recorded_final(Path(state_path), unit.key)
+        if rec is not None:  # finished by an earlier attempt whose Tune state was not saved
+            done[unit.key] = rec
+        else:
+            todo.append(unit)
+    if todo:
+        runs = [(u.config, replace(u.spec, tags=dict(u.spec.tags) | {"tune_trial_id": tid},
+                                   storage_name=f"{u.spec.storage_name}-{tid}")) for u in todo]
+        for unit, res in zip(todo, run_pack(runs), strict=True):
+            done[unit.key] = {
+                "run_id": res.run_id,
+                "test_top1": res.test["test_top1"],
+                "test_top5": res.test["test_top5"],
+                "test_n_way": res.test.get("test_n_way", float("nan")),
+                "val_top1_best": res.val.get("val_top1_best", float("nan")),
+                "best_epoch": res.best_epoch,
+            }
+    ray.tune.report({"pack": key, "results": json.dumps(done)})
 
 
 # --------------------------------------------------------------------------- running Tune
@@ -418,8 +453,8 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     from ray import tune
 
     path = folder / name
-    by_key = {u.key: u for u in units}
-    trainable = tune.with_resources(tune.with_parameters(_unit_trial, units=by_key, state_path=str(state_path)),
+    packs = pack_units(units)
+    trainable = tune.with_resources(tune.with_parameters(_pack_trial, packs=packs, state_path=str(state_path)),
                                     {"cpu": resources.trial_cpus})
     if tune.Tuner.can_restore(str(path)):
         log.info("resuming %s from %s", name, path)
@@ -427,8 +462,8 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"unit": tune.grid_search(sorted(by_key))},
-            # tested runs always run to the end (no scheduler stops them), so a finished run's
+            param_space={"pack": tune.grid_search(list(packs))},
+            # tested runs always run to the end (no scheduler stops them), so a finished pack's
             # process can take the next one: it has torch, Ray Train and MLflow imported already
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=1,
@@ -438,12 +473,14 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     done: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     for r in results:
-        key = str((r.config or {}).get("unit", ""))
+        key = str((r.config or {}).get("pack", ""))
         metrics = dict(r.metrics or {})
         if r.error is not None:
             text = str(r.error)
-            failed[key] = text.splitlines()[0] if text else type(r.error).__name__
-        elif "run_id" in metrics:
-            done[key] = {k: metrics[k] for k in ("run_id", "test_top1", "test_top5", "test_n_way",
-                                                  "val_top1_best", "best_epoch") if k in metrics}
+            for u in packs.get(key, []):
+                failed[u.key] = text.splitlines()[0] if text else type(r.error).__name__
+        elif "results" in metrics:
+            for ukey, rec in json.loads(str(metrics["results"])).items():
+                done[ukey] = {k: rec[k] for k in ("run_id", "test_top1", "test_top5", "test_n_way",
+                                                  "val_top1_best", "best_epoch") if k in rec}
     return UnitsOutcome(results=done, failed=failed, interrupted=interrupted)

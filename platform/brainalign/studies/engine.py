@@ -262,8 +262,10 @@ class _Execution:
 
         with tracking.ended(run_id, uri=uri):
             unit = replace(unit, trial_spec=replace(unit.trial_spec, parent_run_id=run_id))
+            # one trial at a time: ASHA decides a rung from the values recorded there so far,
+            # so with concurrent trials the arrival order (timing) would pick the best config
             outcome = _tune.run_search(unit, folder=self.folder, resources=st.resources,
-                                       max_concurrent=self.max_concurrent, log_file=self.log_file)
+                                       max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=self.log_file)
             n_pruned = self._reconcile_trials(unit, run_id, outcome.trials)
             space = unit.space
             leaderboard = sorted(

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,7 +39,7 @@ from .loop import (
 )
 from .spec import WorkerSpec
 
-__all__ = ["shuffle_buffer_rows", "train_loop_per_worker"]
+__all__ = ["dataset_names", "shuffle_buffer_rows", "train_loop_per_worker", "train_one_run", "worker_share", "worker_specs"]
 
 VAL_CHUNK = 512  # validation rows per streamed chunk (loop.encode's chunk: same batches)
 
@@ -75,14 +76,75 @@ def shuffle_buffer_rows(cfg: TrainConfig, row_bytes: int, n_train_rows: int, loc
     return max(4 * local_batch, min(n_train_rows, cap))
 
 
+def dataset_names(index: int, n_runs: int) -> tuple[str, str]:
+    """Names of run ``index``'s train/val datasets in a Train run serving ``n_runs`` runs
+    (``"train"``/``"val"`` for a lone run, ``"train-<i>"``/``"val-<i>"`` in a pack)."""
+    return ("train", "val") if n_runs == 1 else (f"train-{index}", f"val-{index}")
+
+
+def worker_specs(config: dict[str, Any]) -> tuple[WorkerSpec, ...]:
+    """The runs this worker group trains: ``{"spec": WorkerSpec}`` (one run) or
+    ``{"specs": (WorkerSpec, ...)}`` (a pack, trained one after the other)."""
+    if "specs" in config:
+        return tuple(config["specs"])
+    return (config["spec"],)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Train worker: ``config = {"spec": WorkerSpec}`` (the only key)."""
+    """One Train worker: ``config = {"spec": WorkerSpec}`` or ``{"specs": (WorkerSpec, ...)}``.
+
+    A pack's runs are trained one after the other in this process, each exactly as it would
+    be alone (:func:`train_one_run` seeds everything from its own config and reads its own
+    datasets); the worker group, its process group and the imports are paid once.
+    """
+    import ray.train
+
+    t_worker = time.time()
+    specs = worker_specs(config)
+    for i, spec in enumerate(specs):
+        train_name, val_name = dataset_names(i, len(specs))
+        extra = {"t_worker_start": t_worker} | ({"pack_index": i} if len(specs) > 1 else {})
+        # a split handed over through the object store has no Ray Data dataset
+        train = None if spec.train_ref is not None else ray.train.get_dataset_shard(train_name)
+        val = None if spec.val_ref is not None else ray.train.get_dataset_shard(val_name)
+        train_one_run(spec, train, val, report_extra=extra)
+
+
+def _rows_from_store(ref: Any, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A split put by the driver (``runner.put_split``) as tensors; with ``world_size > 1``
+    this worker's equal share (every ``world_size``-th row from ``rank``, the remainder
+    dropped so that every worker takes the same number of steps)."""
+    import ray
+
+    return worker_share(ray.get(ref), rank, world_size)
+
+
+def worker_share(arrays: tuple[np.ndarray, ...], rank: int, world_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s rows of in-memory split arrays: every ``world_size``-th row from
+    ``rank`` after dropping the remainder, so every worker holds the same number of rows (and
+    takes the same number of steps: the loss gathers all workers' batches). Copies (the object
+    store's arrays are read-only and must not stay pinned)."""
+    n = len(arrays[0]) // world_size * world_size
+    x, ii, ss = (torch.from_numpy(np.array(a[rank:n:world_size])) for a in arrays)
+    return x, ii, ss
+
+
+def train_one_run(spec: WorkerSpec, train: Any, val: Any, *, report_extra: dict[str, Any] | None = None) -> None:
+    """Train one run in this worker: its own model (seeded by its config), its shards, its
+    MLflow run, its reports and its checkpoint (attached to its last report).
+
+    ``report_extra`` is added to every ``ray.train.report`` (not to MLflow): the pack index
+    that tells the driver whose checkpoint a report carries, and wall-clock stamps
+    (``t_worker_start``, ``t_run_start``, ``t_first_report``) for the start-up breakdown.
+    """
     import ray.train
     import ray.train.torch
 
     from .. import tracking
 
-    spec: WorkerSpec = config["spec"]
+    t_run = time.time()
+    extra = dict(report_extra or {}) | {"t_run_start": t_run}
     cfg = spec.config
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
@@ -92,9 +154,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = build_run(cfg, n_chans=spec.n_chans, n_times=spec.n_times, image_emb=emb, device=device)
     if ctx.get_world_size() > 1:
         run.model = ray.train.torch.prepare_model(run.model)
-    train = ray.train.get_dataset_shard("train")
-    val = ray.train.get_dataset_shard("val")
-    val_rows = _collect(val) if spec.cache_val else None
+    if spec.val_ref is not None:
+        val_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _rows_from_store(spec.val_ref)
+    else:
+        val_rows = _collect(val) if spec.cache_val else None
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     track = rank == 0 and bool(spec.mlflow_run_id)
     # batch_size is the global batch (the loss gathers every worker's rows): each worker draws
@@ -102,11 +165,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     local_batch = cfg.batch_size // ctx.get_world_size()
     buffer = shuffle_buffer_rows(cfg, 4 * spec.n_chans * spec.n_times, spec.n_train_rows, local_batch)
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    if spec.train_ref is not None:
+        cached = _rows_from_store(spec.train_ref, rank, ctx.get_world_size())
     monitor = tracking.system_metrics(spec.mlflow_run_id, uri=spec.tracking_uri) if track else nullcontext()
     with monitor:
         for epoch in range(cfg.epochs):
             shuffle_seed = cfg.seed * 10_000 + epoch + 1_000_000 * rank
-            if spec.cache_shard:
+            if cached is not None or spec.cache_shard:
                 # small shard: one pass through Ray Data, then a full in-memory shuffle per epoch
                 # (the streaming path below re-starts a Ray Data executor every epoch: seconds)
                 if cached is None:
@@ -138,6 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = epoch == cfg.epochs - 1 or stopper.should_stop
             if track:
                 tracking.log_metrics(spec.mlflow_run_id, metrics, step=epoch, uri=spec.tracking_uri)
+            extra.setdefault("t_first_report", time.time())
+            metrics |= extra
             if last and spec.save_checkpoint and rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     torch.save(stopper.state_copy(), os.path.join(d, "model.pt"))

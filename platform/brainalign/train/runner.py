@@ -8,11 +8,13 @@ with ``RunSpec(evaluate_test=False)`` and never load the test split.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ from .spec import RunSpec, WorkerSpec
 
 # ``ensure_ray`` lives in brainalign._ray (the only module that calls ray.init); it is
 # re-exported here for existing callers.
-__all__ = ["RunSpec", "TrainResult", "ensure_ray", "run_tags", "run_training"]
+__all__ = ["RunSpec", "TrainResult", "ensure_ray", "put_split", "run_pack", "run_tags", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
     checkpoint: Path | None = None
+    #: wall seconds of the run's phases (driver-side checks, MLflow, data, Train start-up...)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
@@ -111,7 +115,105 @@ def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Se
         A problem with the data, the table or the encoder, before any Ray resource or
         MLflow run exists.
     """
-    spec = spec or RunSpec()
+    return run_pack([(cfg, spec or RunSpec())], callbacks=callbacks)[0]
+
+
+def run_pack(runs: Sequence[tuple[TrainConfig, RunSpec]], *, callbacks: Sequence[Any] = ()) -> list[TrainResult]:
+    """Train several runs through ONE ``TorchTrainer``: one worker group trains them one
+    after the other; each is still its own MLflow run with its own seed, data, checkpoint,
+    metrics and test, and gets the results it would get alone (the worker seeds and builds
+    every run from its own config; ``tests/train/test_pack.py`` checks the equality).
+
+    The per-run start-up (controller and worker processes, imports, process group, MLflow
+    and dataset set-up of the worker) is paid once per pack; the checks of every run still
+    happen before any Ray resource or MLflow run exists. If one run of a pack fails, every
+    run of the pack ends FAILED (a resumed study trains the pack again).
+
+    Parameters
+    ----------
+    runs : sequence of (TrainConfig, RunSpec)
+        The runs, in training order. They must ask for the same workers and resources
+        (``num_workers``, ``cpus_per_worker``, ``use_gpu``) and use the same stores.
+    callbacks : sequence
+        Ray Train run callbacks (only for a single run: a Tune search trial).
+
+    Returns
+    -------
+    list of TrainResult
+        One per run, in order.
+
+    Raises
+    ------
+    BrainalignError
+        An empty pack, runs that ask for different resources, or any check of a run.
+    """
+    if not runs:
+        raise BrainalignError("run_pack got no runs: pass at least one (TrainConfig, RunSpec) pair.")
+    if len(runs) > 1 and callbacks:
+        raise BrainalignError("Ray Train callbacks (a Tune search trial's report callback) need a single run per "
+                              "Train run; train the trial alone with run_training.")
+    t0 = time.perf_counter()
+    _check_packable(runs)
+    planned = [_plan_run(cfg, spec) for cfg, spec in runs]
+    t_checked = time.perf_counter()
+    first = planned[0]
+    uri = first.spec.locations.tracking_uri
+    with contextlib.ExitStack() as stack:
+        run_ids = []
+        for p in planned:
+            cfg, spec, ds, table = p.cfg, p.spec, p.ds, p.table
+            tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
+                            backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256,
+                            role=spec.role)
+            tags |= dict(spec.tags)
+            params = cfg.to_flat() | {"n_train_rows": p.prepared.n_train_rows, "n_val_rows": p.prepared.n_val_rows}
+            run_name = cfg.run_name or f"{cfg.encoder}-{table.backbone}-{table.alignment}-s{cfg.seed}"
+            run_id = stack.enter_context(tracking.run(cfg.experiment, run_name=run_name, params=params, tags=tags,
+                                                      parent_run_id=spec.parent_run_id or None, uri=uri))
+            log.info("MLflow run %s (%s)", run_id, run_name)
+            splits = "train/val/test" if spec.evaluate_test else "train/val"
+            tracking.log_dataset(run_id, name=ds.root.name, digest=ds.fingerprint, source=str(ds.root),
+                                 context=splits, profile={"subjects": list(cfg.data.subjects),
+                                                          "test_subjects": list(cfg.data.eval_subjects),
+                                                          "n_chans": ds.meta.n_chans, "n_times": ds.meta.n_times},
+                                 uri=uri)
+            tracking.log_dataset(run_id, name=cfg.data.image_table, digest=table.sha256, source=str(p.table_path),
+                                 context="image embeddings", profile={"dim": table.dim}, uri=uri)
+            run_ids.append(run_id)
+        t_mlflow = time.perf_counter()
+        results = _fit(planned, run_ids, callbacks)
+        t_fit = time.perf_counter()
+        for p, result in zip(planned, results, strict=True):
+            t_test = time.perf_counter()
+            if p.spec.evaluate_test:
+                if result.checkpoint is None:
+                    raise RuntimeError("training produced no checkpoint to test")
+                result.test = _test(p.cfg, result.checkpoint, p.emb, p.ds, result.run_id, uri)
+            _log_artifacts(p.cfg, result, result.run_id, uri)
+            result.timings["test_and_artifacts_s"] = time.perf_counter() - t_test
+    n = len(planned)
+    for result in results:  # the shared phases, split evenly over the pack's runs
+        result.timings |= {"checks_and_prepare_s": (t_checked - t0) / n, "mlflow_runs_s": (t_mlflow - t_checked) / n,
+                           "pack_size": float(n), "pack_fit_s": t_fit - t_mlflow}
+    return results
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A run whose inputs were checked and prepared (driver side, before any Ray resource)."""
+
+    cfg: TrainConfig
+    spec: RunSpec
+    ds: Any
+    table: Any
+    table_path: Path
+    emb: np.ndarray
+    prepared: Any
+    emb_path: Path
+
+
+def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
+    """Every check of one run, its prepared data and its embedding matrix in the shared cache."""
     loc = spec.locations
     cfg = cfg.resolved()
     if spec.storage_name:
@@ -149,28 +251,26 @@ def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Se
         with atomic_file(emb_path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, emb)
+    return _Planned(cfg=cfg, spec=spec, ds=ds, table=table, table_path=table_path, emb=emb, prepared=prepared,
+                    emb_path=emb_path)
 
-    tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
-                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=spec.role)
-    tags |= dict(spec.tags)
-    params = cfg.to_flat() | {"n_train_rows": prepared.n_train_rows, "n_val_rows": prepared.n_val_rows}
-    run_name = cfg.run_name or f"{cfg.encoder}-{table.backbone}-{table.alignment}-s{cfg.seed}"
-    with tracking.run(cfg.experiment, run_name=run_name, params=params, tags=tags,
-                      parent_run_id=spec.parent_run_id or None, uri=uri) as run_id:
-        log.info("MLflow run %s (%s)", run_id, run_name)
-        splits = "train/val/test" if spec.evaluate_test else "train/val"
-        tracking.log_dataset(run_id, name=ds.root.name, digest=ds.fingerprint, source=str(ds.root), context=splits,
-                             profile={"subjects": list(cfg.data.subjects), "test_subjects": list(cfg.data.eval_subjects),
-                                      "n_chans": ds.meta.n_chans, "n_times": ds.meta.n_times}, uri=uri)
-        tracking.log_dataset(run_id, name=cfg.data.image_table, digest=table.sha256, source=str(table_path),
-                             context="image embeddings", profile={"dim": table.dim}, uri=uri)
-        result = _fit(cfg, spec, prepared, emb_path, run_id, callbacks)
-        if spec.evaluate_test:
-            if result.checkpoint is None:
-                raise RuntimeError("training produced no checkpoint to test")
-            result.test = _test(cfg, result.checkpoint, emb, ds, run_id, uri)
-        _log_artifacts(cfg, result, run_id, uri)
-    return result
+
+def _check_packable(runs: Sequence[tuple[TrainConfig, RunSpec]]) -> None:
+    """Runs of one pack share one worker group and one Ray storage: same workers and stores."""
+    first = runs[0]
+
+    def shape(run: tuple[TrainConfig, RunSpec]) -> tuple[Any, ...]:
+        c, spec = run
+        return (c.num_workers, c.cpus_per_worker, c.use_gpu, spec.locations)
+
+    for run in runs[1:]:
+        if shape(run) != shape(first):
+            raise BrainalignError(
+                f"runs {first[0].run_name or first[0].seed!r} and {run[0].run_name or run[0].seed!r} cannot share a "
+                "worker group: they ask for different workers, resources or stores (num_workers, cpus_per_worker, "
+                "use_gpu, locations). Pack only runs that differ in what the worker trains (seed, "
+                "hyperparameters, subjects)."
+            )
 
 
 def inline_max_bytes() -> int:
@@ -189,6 +289,25 @@ def inline_max_bytes() -> int:
     return int(mb * 2**20)
 
 
+def put_split(path: Path) -> Any:
+    """A small prepared split into the object store as ``(epoch, image_index, subject_index)``
+    numpy arrays, in file order (the order a one-worker Ray Data shard yields).
+
+    Used for splits up to :func:`inline_max_bytes`: a Ray Data dataset costs every run a
+    streaming executor in the worker and, for the split training set, a coordinator actor
+    (a process) started with the worker group: seconds each on a busy machine, for
+    milliseconds of data. Returns the ``ray.ObjectRef``.
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    table = pq.read_table(path)
+    x = np.asarray(table.column("epoch").combine_chunks().to_numpy_ndarray(), dtype=np.float32)
+    ii = table.column("image_index").to_numpy()
+    ss = table.column("subject_index").to_numpy()
+    return ray.put((x, ii, ss))
+
+
 def _split_dataset(path: Path, nbytes: int) -> Any:
     """A prepared split (``nbytes`` of float32 epochs) as a Ray Dataset: inline when small,
     else read by tasks (and materialized once, so later epochs do not re-read Parquet)."""
@@ -200,58 +319,79 @@ def _split_dataset(path: Path, nbytes: int) -> Any:
     return ray.data.read_parquet(str(path)).materialize()
 
 
-def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id: str,
-         callbacks: Sequence[Any]) -> TrainResult:
-    import ray.data
+def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequence[Any]) -> list[TrainResult]:
+    """One ``TorchTrainer`` for the runs of ``planned`` (one after the other in its workers)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_worker import train_loop_per_worker
+    from .ray_worker import dataset_names, train_loop_per_worker
 
     # Train V2's controller collects a worker's report only when it polls (every 2 s by
     # default) and a worker blocks on its next report until then: short epochs would each
     # cost 2 s. Ray propagates this variable from here to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    row_bytes = 4 * prepared.n_chans * prepared.n_times
-    train_bytes = prepared.n_train_rows * row_bytes
-    val_bytes = prepared.n_val_rows * row_bytes
-    train_ds = _split_dataset(prepared.train_dir, train_bytes)
-    val_ds = _split_dataset(prepared.val_dir, val_bytes)
+    first = planned[0]
+    cfg, spec = first.cfg, first.spec
+    n = len(planned)
+    t0 = time.perf_counter()
+    datasets: dict[str, Any] = {}
+    workers: list[WorkerSpec] = []
+    for i, (p, run_id) in enumerate(zip(planned, run_ids, strict=True)):
+        prepared = p.prepared
+        row_bytes = 4 * prepared.n_chans * prepared.n_times
+        train_bytes = prepared.n_train_rows * row_bytes
+        val_bytes = prepared.n_val_rows * row_bytes
+        train_name, val_name = dataset_names(i, n)
+        refs: dict[str, Any] = {}
+        if train_bytes <= inline_max_bytes():  # small: through the object store, no Ray Data per run
+            refs["train_ref"] = put_split(prepared.train_dir)
+        else:
+            datasets[train_name] = _split_dataset(prepared.train_dir, train_bytes)
+        if val_bytes <= inline_max_bytes():
+            refs["val_ref"] = put_split(prepared.val_dir)
+        else:
+            datasets[val_name] = _split_dataset(prepared.val_dir, val_bytes)
+        workers.append(WorkerSpec(
+            config=p.cfg, emb_path=str(p.emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
+            n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=p.spec.locations.tracking_uri,
+            save_checkpoint=p.spec.save_checkpoint,
+            # each worker keeps its shard in memory after the first pass when it is small, and the
+            # validation rows when they are small; larger splits stream every epoch (worker memory
+            # bounded in bytes: docs/training.md, "Worker memory")
+            cache_shard=train_bytes <= inline_max_bytes(),
+            cache_val=val_bytes <= inline_max_bytes(),
+            **refs,
+        ))
+    t_data = time.perf_counter()
     torch_config = None
     if loopback_only():  # all workers on this machine: keep torch's rendezvous store on 127.0.0.1 too
         from ._torch_backend import LoopbackTorchConfig
 
         torch_config = LoopbackTorchConfig()
-    worker = WorkerSpec(
-        config=cfg, emb_path=str(emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
-        n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=spec.locations.tracking_uri,
-        save_checkpoint=spec.save_checkpoint,
-        # each worker keeps its shard in memory after the first pass when it is small, and the
-        # validation rows when they are small; larger splits stream every epoch (worker memory
-        # bounded in bytes: docs/training.md, "Worker memory")
-        cache_shard=train_bytes <= inline_max_bytes(),
-        cache_val=val_bytes <= inline_max_bytes(),
-    )
+    loop_config: dict[str, Any] = {"spec": workers[0]} if n == 1 else {"specs": tuple(workers)}
+    name = spec.storage_name or f"train-{run_ids[0]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=torch_config,
-        train_loop_config={"spec": worker},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {}),
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train")]),
         run_config=ray.train.RunConfig(
-            name=spec.storage_name or f"train-{run_id}",
+            name=name if n == 1 else f"{name}-pack{n}",
             storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # every run of a pack attaches one checkpoint to its last report: keep them all
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=n),
         ),
     )
+    t_fit = time.time()
     try:
-        with watch_resource_wait(f"training run {run_id}"):
+        with watch_resource_wait(f"training run {run_ids[0]}" + (f" (+{n - 1} packed)" if n > 1 else "")):
             result = trainer.fit()
     except Exception as e:
         user = _user_error(e)
@@ -260,18 +400,33 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
         raise user from e
     if result.error:
         raise _user_error(result.error) or result.error
-    ckpt_path: Path | None = None
-    best: dict[str, Any] = {}
-    if result.checkpoint is not None:
-        ckpt_path = Path(result.checkpoint.path) / "model.pt"
-        best = json.loads((Path(result.checkpoint.path) / "best.json").read_text())
-    metrics = dict(result.metrics or {})
-    return TrainResult(
-        run_id=run_id,
-        val={k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
-        best_epoch=int(best.get("best_epoch", -1)),
-        checkpoint=ckpt_path,
-    )
+    by_index: dict[int, tuple[Any, dict[str, Any]]] = {}
+    for ckpt, metrics in result.best_checkpoints or []:
+        by_index[int(metrics.get("pack_index", 0))] = (ckpt, dict(metrics))
+    if not by_index and n == 1:  # a run without a checkpoint (save_checkpoint=False): last metrics only
+        by_index[0] = (result.checkpoint, dict(result.metrics or {}))
+    out = []
+    for i, run_id in enumerate(run_ids):
+        ckpt, metrics = by_index.get(i, (None, {}))
+        ckpt_path: Path | None = None
+        best: dict[str, Any] = {}
+        if ckpt is not None:
+            ckpt_path = Path(ckpt.path) / "model.pt"
+            best = json.loads((Path(ckpt.path) / "best.json").read_text())
+        timings = {"data_to_ray_s": (t_data - t0) / n}
+        if "t_run_start" in metrics and "t_first_report" in metrics:
+            # wall-clock stamps of the worker: Train start-up (controller, worker group, process
+            # group, imports) before the first run; the run's own set-up; its first epoch
+            timings |= {"train_startup_s": float(metrics["t_worker_start"]) - t_fit if i == 0 else 0.0,
+                        "run_start_to_first_report_s": float(metrics["t_first_report"]) - float(metrics["t_run_start"])}
+        out.append(TrainResult(
+            run_id=run_id,
+            val={k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
+            best_epoch=int(best.get("best_epoch", -1)),
+            checkpoint=ckpt_path,
+            timings=timings,
+        ))
+    return out
 
 
 def _user_error(e: BaseException) -> BrainalignError | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._checks import check_option
 from ..config import TrainConfig
@@ -82,6 +83,11 @@ class WorkerSpec:
     cache_val : bool
         Hold the (small) validation rows in memory; else each epoch streams them in chunks
         and keeps only their embeddings.
+    train_ref, val_ref : ray.ObjectRef, optional
+        A small split handed over through the object store as ``(epoch, image_index,
+        subject_index)`` arrays (the driver's :func:`~brainalign.train.runner.put_split`)
+        instead of a Ray Data dataset: no streaming executor, no split coordinator actor per
+        run. ``None``: the worker reads its Ray Data shard.
     """
 
     config: TrainConfig
@@ -94,3 +100,5 @@ class WorkerSpec:
     save_checkpoint: bool = True
     cache_shard: bool = False
     cache_val: bool = True
+    train_ref: Any = None
+    val_ref: Any = None
