@@ -46,7 +46,15 @@ from ..paths import Locations
 from ._state import STATE_FILE, StudyState
 from .data import ensure_dataset, validate_data
 from .progress import LiveView, status_lines
-from .report import Report, build_report, rows_from_runs, write_report
+from .report import (
+    CombinedReport,
+    Report,
+    build_report,
+    combine_reports,
+    rows_from_runs,
+    write_combined,
+    write_report,
+)
 from .spec import Study, kind_info
 from .units import Plan, RunUnit, SearchUnit, StudyContext
 
@@ -57,6 +65,7 @@ __all__ = [
     "StudyOutcome",
     "check_locations",
     "check_study",
+    "combine_studies",
     "make_plan",
     "ray_job_id",
     "render_report",
@@ -120,6 +129,9 @@ def check_study(study: Study) -> Plan:
     """Everything ``brainalign study check`` checks: the plan, then the dataset (simulated
     first when the study says so and it is missing). Returns the plan."""
     plan = make_plan(study)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate): no study dataset
+        plan.check()
+        return plan
     ensure_dataset(study)
     validate_data(study, plan.search_spaces(), plan.training_sets())
     return plan
@@ -384,6 +396,7 @@ def _render(study: Study, plan: Plan, study_run_id: str, uri: str, selection: Ma
     runs = tracking.children(study_run_id, uri, tags={"role": "final"})
     report = build_report(
         rows_from_runs(runs, set(keys)), subjects=study.subjects, expected=len(keys), protocol=plan.protocol(),
+        correction=study.correction,
         title=f"Study {study.name}: human-aligned vs base (test, {len(study.subjects)} subjects × "
               f"{len(study.final_seeds)} seeds)",
     )
@@ -451,6 +464,9 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     loc = Locations.current()
     uri = loc.tracking_uri
     plan = plan or make_plan(study, uri)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate: studies/calibrate.py)
+        outcome: StudyOutcome = plan.execute(live=live, mode=mode)
+        return outcome
     folder = study_folder(study)
     if mode == "fresh":
         _remove_folder(folder)
@@ -528,16 +544,53 @@ def render_report(study: Study) -> Report:
         The study has no study run in MLflow yet.
     """
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: re-rendered from its recorded draws
+        report: Report = plan.report()
+        return report
     run_id = _study_run_id(study, uri)
     if not run_id:
         raise BrainalignError(f"study {study.name} has no study run in experiment {study.experiment!r} at {uri}.")
-    return _render(study, make_plan(study, uri), run_id, uri)
+    return _render(study, plan, run_id, uri)
+
+
+def combine_studies(studies: Sequence[Study]) -> CombinedReport:
+    """``brainalign study report A B C``: re-render each study's report from MLflow and combine
+    the comparisons they share with Stouffer's z (weights sqrt(n subjects)); written to
+    ``$BRAINALIGN_HOME/reports/combined-<A>+<B>+.../`` (correction: the first study's).
+
+    Raises
+    ------
+    BrainalignError
+        Fewer than two studies, the same study twice, a study of a kind without a report
+        (calibrate), or what :func:`~brainalign.studies.report.combine_reports` refuses.
+    """
+    names = [s.name for s in studies]
+    if len(set(names)) != len(names):
+        raise BrainalignError(f"a study is named twice: {names}; combine different studies.")
+    reports: dict[str, Report] = {}
+    for st in studies:
+        rep = render_report(st)
+        if not isinstance(rep, Report):
+            raise BrainalignError(f"study {st.name} is a {st.kind} study: it has no comparison to combine.")
+        reports[st.name] = rep
+    combined = combine_reports(reports, correction=studies[0].correction if studies else "holm")
+    return write_combined(combined, paths.home() / "reports" / ("combined-" + "+".join(names)))
 
 
 def study_status(study: Study) -> list[str]:
     """What ``brainalign study status`` prints: searches, trials and tested runs, from MLflow."""
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: its recorded draws
+        from .calibrate import draws_file, load_draws
+
+        draws = load_draws(study)
+        done = {e: sum(d["effect"] == e for d in draws) for e in study.options.effects}
+        return [f"study {study.name} ({study.kind})",
+                "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws}" for e, n in done.items()),
+                f"  recorded in: {draws_file(study)}"]
     run_id = _study_run_id(study, uri)
     state = study_folder(study) / STATE_FILE
     extra = [f"  state: {state}" if state.is_file() else "  state: none (not started here)"]
-    return status_lines(study, make_plan(study, uri), run_id, uri, extra)
+    return status_lines(study, plan, run_id, uri, extra)
