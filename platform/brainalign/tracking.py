@@ -56,6 +56,7 @@ __all__ = [
     "log_dict",
     "log_metrics",
     "log_text",
+    "logged_steps",
     "reconcile_runs",
     "run",
     "set_description",
@@ -274,6 +275,11 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = No
             if "locked" not in str(e) or attempt == 4:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def logged_steps(run_id: str, key: str, uri: str | None = None) -> set[int]:
+    """The steps at which ``run_id`` holds metric ``key`` (a resumed run skips them)."""
+    return {int(m.step) for m in _client(uri).get_metric_history(run_id, key)}
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:

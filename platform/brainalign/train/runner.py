@@ -57,7 +57,9 @@ class TrainResult:
     val: dict[str, float]
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
-    checkpoint: Path | None = None
+    #: the run's last Ray ``Checkpoint`` (read it with ``as_directory()``: it may live in object
+    #: storage); its ``model.pt`` holds the best-on-validation weights
+    checkpoint: Any = None
 
 
 def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
@@ -248,6 +250,9 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
             storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # a dead worker (OOM, preemption, lost node) restarts the worker group, which
+            # resumes from the latest checkpoint (ray_worker.py; one every checkpoint_every epochs)
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     try:
@@ -260,17 +265,16 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
         raise user from e
     if result.error:
         raise _user_error(result.error) or result.error
-    ckpt_path: Path | None = None
     best: dict[str, Any] = {}
     if result.checkpoint is not None:
-        ckpt_path = Path(result.checkpoint.path) / "model.pt"
-        best = json.loads((Path(result.checkpoint.path) / "best.json").read_text())
+        with result.checkpoint.as_directory() as d:  # a local path or object storage alike
+            best = json.loads((Path(d) / "best.json").read_text())
     metrics = dict(result.metrics or {})
     return TrainResult(
         run_id=run_id,
         val={k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
         best_epoch=int(best.get("best_epoch", -1)),
-        checkpoint=ckpt_path,
+        checkpoint=result.checkpoint if spec.save_checkpoint else None,
     )
 
 
@@ -306,9 +310,10 @@ def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, e
     return run
 
 
-def _test(cfg: TrainConfig, checkpoint: Path, emb: np.ndarray, ds: Any, run_id: str, uri: str) -> dict[str, float]:
+def _test(cfg: TrainConfig, checkpoint: Any, emb: np.ndarray, ds: Any, run_id: str, uri: str) -> dict[str, float]:
     """N-way retrieval of repetition-averaged test trials against the test images."""
-    run = load_model(cfg, checkpoint, ds.meta.n_chans, ds.meta.n_times, emb)
+    with checkpoint.as_directory() as d:
+        run = load_model(cfg, Path(d) / "model.pt", ds.meta.n_chans, ds.meta.n_times, emb)
     pos = ds.image_index()
     out: dict[str, float] = {}
     rows = []
@@ -365,7 +370,8 @@ def _log_artifacts(cfg: TrainConfig, result: TrainResult, run_id: str, uri: str)
     tracking.log_dict(run_id, cfg.to_flat(), "config/resolved_config.json", uri=uri)
     if result.checkpoint is None:
         return
-    tracking.log_artifact(run_id, result.checkpoint, "checkpoint", uri=uri)
+    with result.checkpoint.as_directory() as c:
+        tracking.log_artifact(run_id, Path(c) / "model.pt", "checkpoint", uri=uri)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "best.json"
         p.write_text(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test}, indent=2))

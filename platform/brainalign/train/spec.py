@@ -76,7 +76,8 @@ class WorkerSpec:
     tracking_uri : str
         MLflow tracking URI.
     save_checkpoint : bool
-        Attach the best weights to the last report.
+        The driver keeps the best weights (every run checkpoints its full state for fault
+        tolerance either way: ``checkpoint_every``).
     cache_shard : bool
         Keep the worker's (small) training shard in memory after the first pass.
     cache_val : bool
