@@ -246,7 +246,9 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=spec.storage_name or f"train-{run_id}",
+            # one Train run per MLflow run: a restarted worker group resumes from this run's
+            # checkpoints; a new attempt (a study resumed after its driver died) starts its own
+            name=f"{spec.storage_name or 'train'}-{run_id}",
             storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
