@@ -69,6 +69,7 @@ def server(tmp_path: Path) -> object:
 
 def test_metrics_logged_while_the_server_is_down_are_not_lost(server: MlflowServer,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from brainalign import tracking
@@ -79,7 +80,7 @@ def test_metrics_logged_while_the_server_is_down_are_not_lost(server: MlflowServ
     # MLflow's own HTTP retries off: only brainalign's retry stands between an outage and a lost metric
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server.stop()
-    with pytest.raises(Exception):  # the outage is real: a plain client call fails
+    with pytest.raises(MlflowException):  # the outage is real: a plain client call fails
         MlflowClient(uri).get_run(run_id)
     outage = 6.0
     t0 = time.monotonic()
@@ -106,6 +107,8 @@ def test_a_bad_request_is_not_retried(server: MlflowServer) -> None:
     from brainalign import tracking
 
     t0 = time.monotonic()
-    with pytest.raises(Exception, match="(?i)not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="(?i)not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
         tracking.end_run("0" * 32, "FINISHED", uri=server.uri)
     assert time.monotonic() - t0 < tracking.retry_budget()  # raised, not retried to the budget

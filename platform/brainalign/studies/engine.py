@@ -450,7 +450,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     KeyboardInterrupt
         Interrupted (Ctrl-C, or :class:`JobStopped` on SIGTERM); the same call resumes.
     """
-    from .._ray import ensure_ray
+    from .._ray import check_tracking_for_cluster, ensure_ray
 
     check_option("mode", mode, MODES)
     check_locations()
@@ -469,6 +469,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     claim_dir(folder, "study-storage")  # refuses a non-empty folder that brainalign did not create
     tracking.ensure_experiment(study.experiment, uri)  # created once, here, before any trial process
     ensure_ray()
+    check_tracking_for_cluster(uri)  # trials on other nodes cannot write a SQLite file of this one
     import ray
 
     from ._tune import max_concurrent_trials

@@ -166,6 +166,7 @@ def load_checkpoint(checkpoint: Any) -> dict[str, Any]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Train worker: ``config = {"spec": WorkerSpec}`` (the only key)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -177,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    emb = torch.from_numpy(np.load(spec.emb_path))
+    emb = torch.from_numpy(np.array(ray.get(spec.embeddings)))  # object store (read-only): own copy
     run = build_run(cfg, n_chans=spec.n_chans, n_times=spec.n_times, image_emb=emb, device=device)
     stopper = EarlyStopping(cfg.select_metric, cfg.patience)
     track = rank == 0 and bool(spec.mlflow_run_id)

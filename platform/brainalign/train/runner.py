@@ -23,8 +23,8 @@ import torch
 
 from .. import tracking
 from .._checks import BrainalignError, check_name
-from .._io import atomic_file, check_writable
-from .._ray import check_resources, ensure_ray, loopback_only, watch_resource_wait
+from .._io import check_writable
+from .._ray import check_resources, check_tracking_for_cluster, ensure_ray, loopback_only, watch_resource_wait
 from ..config import TrainConfig
 from ..data.contract import open_dataset
 from ..data.prepare import (
@@ -146,11 +146,7 @@ def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Se
     check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
                     what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
                          f"use_gpu={str(cfg.use_gpu).lower()})")
-    emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
-    if not emb_path.is_file():
-        with atomic_file(emb_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, emb)
+    check_tracking_for_cluster(uri)
 
     tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
                     backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=spec.role)
@@ -166,7 +162,7 @@ def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Se
                                       "n_chans": ds.meta.n_chans, "n_times": ds.meta.n_times}, uri=uri)
         tracking.log_dataset(run_id, name=cfg.data.image_table, digest=table.sha256, source=str(table_path),
                              context="image embeddings", profile={"dim": table.dim}, uri=uri)
-        result = _fit(cfg, spec, prepared, emb_path, run_id, callbacks)
+        result = _fit(cfg, spec, prepared, emb, run_id, callbacks)
         if spec.evaluate_test:
             if result.checkpoint is None:
                 raise RuntimeError("training produced no checkpoint to test")
@@ -202,8 +198,9 @@ def _split_dataset(path: Path, nbytes: int) -> Any:
     return ray.data.read_parquet(str(path)).materialize()
 
 
-def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id: str,
+def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb: np.ndarray, run_id: str,
          callbacks: Sequence[Any]) -> TrainResult:
+    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -225,7 +222,7 @@ def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id:
 
         torch_config = LoopbackTorchConfig()
     worker = WorkerSpec(
-        config=cfg, emb_path=str(emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
+        config=cfg, embeddings=ray.put(np.ascontiguousarray(emb, dtype=np.float32)), n_chans=prepared.n_chans, n_times=prepared.n_times,
         n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=spec.locations.tracking_uri,
         save_checkpoint=spec.save_checkpoint,
         # each worker keeps its shard in memory after the first pass when it is small, and the

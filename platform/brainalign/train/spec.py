@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._checks import check_option
 from ..config import TrainConfig
@@ -65,8 +66,9 @@ class WorkerSpec:
     ----------
     config : TrainConfig
         The resolved run config.
-    emb_path : str
-        The run's image-embedding matrix (``.npy`` in catalog order, in the shared cache).
+    embeddings : ray.ObjectRef
+        The run's image-embedding matrix (float32, catalog order), put in Ray's object store
+        by the driver: any node fetches it, no worker reads a file of the driver's disk.
     n_chans, n_times : int
         Epoch shape of the dataset.
     n_train_rows : int
@@ -86,7 +88,7 @@ class WorkerSpec:
     """
 
     config: TrainConfig
-    emb_path: str
+    embeddings: Any
     n_chans: int
     n_times: int
     n_train_rows: int
