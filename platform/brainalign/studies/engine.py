@@ -266,7 +266,7 @@ class _Execution:
             # so with concurrent trials the arrival order (timing) would pick the best config
             outcome = _tune.run_search(unit, folder=self.folder, resources=st.resources,
                                        max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=self.log_file)
-            n_pruned = self._reconcile_trials(unit, run_id, outcome.trials)
+            n_pruned = self._reconcile_trials(unit, run_id, outcome.trials, outcome.trial_ids)
             space = unit.space
             leaderboard = sorted(
                 ({"trial_id": t.trial_id, space.metric: None if math.isnan(t.value) else t.value,
@@ -286,9 +286,11 @@ class _Execution:
         log.info("search %s: best %s = %.4f with %s", unit.key, unit.space.metric, outcome.best_value,
                  outcome.best_config)
 
-    def _reconcile_trials(self, unit: SearchUnit, run_id: str, trials: Sequence[Any]) -> int:
-        """One run per Tune trial (a resumed trial ran again); trials ASHA stopped are tagged
-        ``pruned`` (the scheduler does it as it stops them; this catches what it missed)."""
+    def _reconcile_trials(self, unit: SearchUnit, run_id: str, trials: Sequence[Any], trial_ids: set[str]) -> int:
+        """One run per Tune trial (a resumed trial ran again, the older attempt is deleted); trials
+        ASHA stopped are tagged ``pruned`` (the scheduler does it as it stops them; this catches
+        what it missed); runs of trials the experiment does not know (started by a driver that
+        died before Tune saved them) are deleted."""
         n_pruned = 0
         for t in trials:
             runs = tracking.find_runs(self.study.experiment, {"mlflow.parentRunId": run_id,
@@ -301,6 +303,13 @@ class _Execution:
             n_pruned += pruned
             if kept and t.error:
                 tracking.end_run(kept, "FAILED", self.uri)
+        # trials a killed driver had started after Tune last saved its state are not in the
+        # restored experiment (Optuna proposed them again as new trials): their runs go
+        known = set(trial_ids) | {t.trial_id for t in trials}
+        for r in tracking.find_runs(self.study.experiment, {"mlflow.parentRunId": run_id, "role": "trial"}, self.uri):
+            if r.tags.get("tune_trial_id") not in known:
+                log.info("deleting run %s of trial %s, lost with a dead driver", r.run_id, r.tags.get("tune_trial_id"))
+                tracking.delete_run(r.run_id, self.uri)
         return n_pruned
 
     # ----------------------------------------------------------------- tested runs
@@ -456,7 +465,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     KeyboardInterrupt
         Interrupted (Ctrl-C, or :class:`JobStopped` on SIGTERM); the same call resumes.
     """
-    from .._ray import ensure_ray
+    from .._ray import check_tracking_for_cluster, ensure_ray
 
     check_option("mode", mode, MODES)
     check_locations()
@@ -478,6 +487,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     claim_dir(folder, "study-storage")  # refuses a non-empty folder that brainalign did not create
     tracking.ensure_experiment(study.experiment, uri)  # created once, here, before any trial process
     ensure_ray()
+    check_tracking_for_cluster(uri)  # trials on other nodes cannot write a SQLite file of this one
     import ray
 
     from ._tune import max_concurrent_trials
