@@ -310,7 +310,7 @@ def ray_fit(
     trainer = TorchTrainer(
         _probe_worker,
         train_loop_config={
-            "spec": WorkerSpec(config=cfg, emb_path=str(prep.emb_path), n_chans=prep.n_chans,
+            "spec": WorkerSpec(config=cfg, embeddings=ray.put(np.load(prep.emb_path)), n_chans=prep.n_chans,
                                n_times=prep.n_times, n_train_rows=prep.n_train_rows, save_checkpoint=False,
                                **(loop_extra or {})),
             "_probe_dir": str(probe),

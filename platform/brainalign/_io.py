@@ -81,6 +81,7 @@ KINDS: dict[str, str] = {
     "report": "a study report folder under $BRAINALIGN_HOME/reports",
     "ingest-staging": "per-subject staging of an ingest (beside its --out)",
     "tables": "a folder of embedding tables (<backbone>__<alignment>.parquet)",
+    "calibration": "the draws' simulated data of a calibration study (each draw removes its own)",
 }
 #: A staging folder whose writer cannot be checked (another host) is stale after this long.
 STALE_AFTER_S = 2 * 24 * 3600.0

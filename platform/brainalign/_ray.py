@@ -39,8 +39,10 @@ __all__ = [
     "LOCAL_HOST",
     "MIN_LOCAL_CPUS",
     "check_resources",
+    "check_tracking_for_cluster",
     "ensure_ray",
     "loopback_only",
+    "multi_node",
     "watch_resource_wait",
 ]
 
@@ -159,6 +161,35 @@ def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attem
         f"{first}). Check that the cluster is up (`ray status --address {target}`) and the address, or unset "
         "RAY_ADDRESS to use a private local Ray."
     ) from last
+
+
+def multi_node() -> bool:
+    """Whether the Ray cluster this process joined has more than one live node."""
+    import ray
+
+    return bool(ray.is_initialized()) and sum(bool(n.get("Alive")) for n in ray.nodes()) > 1
+
+
+def check_tracking_for_cluster(uri: str) -> None:
+    """Refuse a node-local MLflow store (``sqlite:``, ``file:``, a path) on a multi-node cluster.
+
+    Train workers and Tune trials log to MLflow from whichever node they run on; a SQLite
+    file exists on one disk only (and SQLite over NFS locks unreliably).
+
+    Raises
+    ------
+    BrainalignError
+        Ray has more than one node and ``uri`` names a local file store.
+    """
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if local and multi_node():
+        raise BrainalignError(
+            f"MLFLOW_TRACKING_URI is {uri!r}, a store on this machine's disk, but this Ray cluster has more than "
+            "one node: runs on the other nodes cannot log to it. Use a tracking server every node reaches: "
+            "`make cluster-up` starts one (scripts/cluster_up.sh, MLFLOW_PORT, default 5000; bind it to an "
+            "address the nodes reach) and writes MLFLOW_TRACKING_URI=http://<host>:<port> to .cluster/env.sh. "
+            "See docs/cluster.md, \"Storage on more than one node\"."
+        )
 
 
 def loopback_only() -> bool:

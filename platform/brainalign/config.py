@@ -115,6 +115,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
     shuffle_buffer_mb: float = 1024.0  # a Train worker's local shuffle buffer (train/ray_worker.py)
+    checkpoint_every: int = 1  # epochs between full-state checkpoints (0: only the last epoch)
+    max_failures: int = 2  # worker-group failures a run recovers from (from its latest checkpoint)
     experiment: str = "brainalign"
     run_name: str = ""
 
@@ -138,6 +140,8 @@ class TrainConfig:
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
         check_range("torch_threads", self.torch_threads, low=0)
         check_range("shuffle_buffer_mb", self.shuffle_buffer_mb, low=0.0, low_inclusive=False)
+        check_range("checkpoint_every", self.checkpoint_every, low=0)
+        check_range("max_failures", self.max_failures, low=0)
         check_option("select_metric", self.select_metric, SELECT_METRICS)
         check_name("experiment", self.experiment)  # an MLflow experiment: a folder of artifacts
         if self.run_name:

@@ -56,7 +56,9 @@ __all__ = [
     "log_dict",
     "log_metrics",
     "log_text",
+    "logged_steps",
     "reconcile_runs",
+    "retry_budget",
     "run",
     "set_description",
     "set_status",
@@ -178,9 +180,9 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
     errors its processes raise while they are torn down are a consequence of the stop.
     """
     client = _client(uri)
-    if status == "FAILED" and client.get_run(run_id).info.status == "KILLED":
+    if status == "FAILED" and _retrying("get_run", lambda: client.get_run(run_id)).info.status == "KILLED":
         return
-    client.set_terminated(run_id, status=status)
+    _retrying("set_terminated", lambda: client.set_terminated(run_id, status=status))
 
 
 def set_status(run_id: str, status: str, uri: str | None = None) -> None:
@@ -260,20 +262,61 @@ def run(
 
 
 # --------------------------------------------------------------------------- logging
+#: MLflow error codes that no retry can fix (a bad request, a missing run): raised at once.
+_PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                        "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST"})
+RETRY_ENV = "BRAINALIGN_MLFLOW_RETRY_S"
+
+
+def retry_budget() -> float:
+    """Seconds a write keeps retrying an unreachable or busy store (``BRAINALIGN_MLFLOW_RETRY_S``,
+    default 600: a tracking server restarted or briefly down loses no metric)."""
+    value = os.environ.get(RETRY_ENV, "600")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from ._checks import BrainalignError
+
+        raise BrainalignError(f"{RETRY_ENV}={value!r} is not a number of seconds (e.g. 600)") from None
+
+
+def _retrying(what: str, call: Any, *, budget: float | None = None) -> Any:
+    """``call()``, retried with exponential back-off (0.5 s doubling to 15 s) while the store is
+    unreachable (server stopped, connection refused, 5xx) or busy (SQLite "database is locked"),
+    for at most ``budget`` seconds; errors that name a bad request are raised at once."""
+    budget = retry_budget() if budget is None else budget
+    start = time.monotonic()
+    delay = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as e:
+            if getattr(e, "error_code", "") in _PERMANENT or time.monotonic() - start + delay > budget:
+                raise
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.warning("MLflow %s failed (attempt %d: %s); retrying in %.1f s", what, attempt, first, delay)
+            time.sleep(delay)
+            delay = min(15.0, delay * 2)
+
+
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None, uri: str | None = None) -> None:
-    """Log numeric metrics in one batch call (retrying briefly if the SQLite store is busy)."""
+    """Log numeric metrics in one batch call.
+
+    Retried with back-off while the store is down or busy (:func:`retry_budget`): the batch
+    keeps its timestamp and step, so a metric is logged once, late rather than never.
+    """
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
-    for attempt in range(5):
-        try:
-            _client(uri).log_batch(run_id, metrics=items)
-            return
-        except Exception as e:  # sqlite "database is locked" under concurrent writers
-            if "locked" not in str(e) or attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+    _retrying("log_batch", lambda: _client(uri).log_batch(run_id, metrics=items))
+
+
+def logged_steps(run_id: str, key: str, uri: str | None = None) -> set[int]:
+    """The steps at which ``run_id`` holds metric ``key`` (a resumed run skips them)."""
+    return {int(m.step) for m in _retrying("get_metric_history", lambda: _client(uri).get_metric_history(run_id, key))}
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:

@@ -37,7 +37,7 @@ def test_plan_holds_each_subject_out(tiny_dataset: Path) -> None:
 
 @pytest.mark.integration  # a real (SQLite) MLflow store
 def test_config_from_run_takes_hyperparameters_only(tiny_dataset: Path) -> None:
-    src = TrainConfig().with_overrides({"lr": 3e-4, "temperature": 0.07, "seed": 99, "num_workers": 3,
+    src = TrainConfig().with_overrides({"lr": 3e-4, "temperature": 0.07, "seed": 99, "num_workers": 4,
                                         "data.path": "/elsewhere", "data.image_table": "x:y", "torch_threads": 3})
     with tracking.run("xs-src", run_name="best") as run:
         tracking.log_dict(run, src.to_flat(), "config/resolved_config.json")
@@ -46,8 +46,38 @@ def test_config_from_run_takes_hyperparameters_only(tiny_dataset: Path) -> None:
     assert u.config.lr == 3e-4 and u.config.temperature == 0.05  # from the run; --set still wins
     assert u.config.data.path == str(tiny_dataset) and u.config.num_workers == 1 and u.config.seed == 1
     assert u.config.torch_threads == 0 and u.config.epochs == 1  # machine and study-owned keys never move
-    with pytest.raises(BrainalignError, match="config_from_run: cannot read"):
+    with pytest.raises(BrainalignError, match="config_from_run: no MLflow run"):
         CrossSubjectPlan(_study(tiny_dataset, "study.config_from_run=" + "0" * 32), tracking.tracking_uri())
+    # a tested run without selection provenance, or one selected by a test metric: refused
+    for tags in ({}, {"selected_by": "test_top1 over finals"}):
+        with tracking.run("xs-src", run_name="tested", tags=tags) as tested:
+            tracking.log_dict(tested, src.to_flat(), "config/resolved_config.json")
+            tracking.log_metrics(tested, {"test_top1": 0.3})
+        with pytest.raises(BrainalignError, match="test"):
+            CrossSubjectPlan(_study(tiny_dataset, f"study.config_from_run={tested}"), tracking.tracking_uri())
+    # a sweep final: its config was selected on validation by its search
+    with tracking.run("xs-src", run_name="final", tags={"selected_by": "val_loss on sub-01 validation"}) as final:
+        tracking.log_dict(final, src.to_flat(), "config/resolved_config.json")
+        tracking.log_metrics(final, {"test_top1": 0.3})
+    assert CrossSubjectPlan(_study(tiny_dataset, f"study.config_from_run={final}"),
+                            tracking.tracking_uri()).inherited
+
+
+@pytest.mark.parametrize(
+    ("tags", "metrics", "ok"),
+    [({}, {}, True), ({"role": "trial"}, {"val_loss": 1.0}, True), ({}, {"test_top1": 0.2}, False),
+     ({"selected_by": "val_top1_best on sub-01 validation"}, {"test_top1": 0.2}, True),
+     ({"selected_by": "test_top1"}, {}, False)],
+)
+def test_check_selection_refuses_configs_that_may_come_from_test_results(tags: dict[str, str],
+                                                                          metrics: dict[str, float], ok: bool) -> None:
+    from brainalign.studies.cross_subject import check_selection
+
+    if ok:
+        assert check_selection("r1", tags, metrics)
+    else:
+        with pytest.raises(BrainalignError, match="config_from_run: run r1"):
+            check_selection("r1", tags, metrics)
 
 
 @pytest.mark.integration

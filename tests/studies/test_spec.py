@@ -224,7 +224,7 @@ def test_every_searchspace_validates(path: Path) -> None:
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
 def test_every_job_study_validates(path: Path) -> None:
     study = load_study(path)
-    assert study.arms() and study.subjects and study.kind in ("sweep", "cross_subject")
+    assert study.arms() and study.subjects and study.kind in ("sweep", "cross_subject", "calibrate")
 
 
 XS = """

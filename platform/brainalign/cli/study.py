@@ -14,8 +14,12 @@ _HELP = {
 }
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study", nargs="?", default=None, help="study TOML (e.g. jobs/mini_study.toml)")
+def _add_common(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        p.add_argument("study", nargs="*", default=None, help="study TOML(s); several: combine them across studies "
+                       "(Stouffer's z weighted by sqrt(n subjects), e.g. the same pair on EEG, MEG and fMRI)")
+    else:
+        p.add_argument("study", nargs="?", default=None, help="study TOML (e.g. jobs/mini_study.toml)")
     p.add_argument("--study", dest="study_opt", default=None, metavar="STUDY", help="the study TOML, as an option")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override: study.<key>=... / resources.<key>=... edit those tables, any other key is a "
@@ -32,13 +36,25 @@ def register(sub: Any) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in _HELP.items():
         q = actions.add_parser(action, help=text, description=text)
-        _add_common(q)
+        _add_common(q, many=action == "report")
         if action == "run":
             mode = q.add_mutually_exclusive_group()
             mode.add_argument("--resume", action="store_true", help="require saved state and resume it")
             mode.add_argument("--fresh", action="store_true", help="discard saved state and start over")
             q.add_argument("--quiet", action="store_true", help="no live progress view")
         q.set_defaults(func=_study)
+    c = sub.add_parser(
+        "calibrate", help="false-positive rate and power of the report's tests (a study of kind calibrate)",
+        description="Run a calibration study (kind = \"calibrate\", e.g. jobs/calibrate.toml): many null and "
+                    "planted-effect simulator draws through the real training path, in parallel over Ray. "
+                    "A stopped calibration resumes where it stopped. Same as `brainalign study run` on that file.",
+    )
+    _add_common(c)
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="require saved state and resume it")
+    mode.add_argument("--fresh", action="store_true", help="discard the recorded draws and start over")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_calibrate, action="run")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -46,6 +62,8 @@ def _load(args: argparse.Namespace) -> Any:
     from ..studies import load_study
 
     path = args.study or args.study_opt
+    if isinstance(path, list):
+        path = path[0] if len(path) == 1 else None
     if path is None or (args.study and args.study_opt):
         raise BrainalignError("name one study file: `brainalign study ACTION STUDY` (or --study STUDY).")
     study = load_study(path, args.sets)
@@ -54,7 +72,29 @@ def _load(args: argparse.Namespace) -> Any:
     return study
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    args.kind = "calibrate"
+    return _study(args)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from .._checks import BrainalignError, check_option
+    from ..studies import combine_studies, load_study
+
+    if args.study_opt:
+        raise BrainalignError("name the studies to combine as arguments: `brainalign study report A.toml B.toml`.")
+    studies = [load_study(p, args.sets) for p in args.study]
+    if args.kind is not None:
+        for st in studies:
+            check_option(f"study kind of {st.path} (--kind {args.kind})", st.kind, [args.kind])
+    combined = combine_studies(studies)
+    sys.stdout.write(combined.markdown + f"\nreport files: {combined.files['combined.md'].parent}\n")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
+    if args.action == "report" and isinstance(args.study, list) and len(args.study) > 1:
+        return _combine(args)
     study = _load(args)
     out = sys.stdout
     if args.action == "status":
@@ -73,7 +113,10 @@ def _study(args: argparse.Namespace) -> int:
     if args.action == "check":
         plan = check_study(study)
         out.write("\n".join(plan.describe()) + "\n")
-        out.write(f"dataset {study.dataset_path}: subjects, tables and encoders check out\n")
+        if hasattr(plan, "execute"):  # calibrate: every draw simulates its own data
+            out.write(f"draws' data under {study.dataset_path} (simulated per draw); run configs check out\n")
+        else:
+            out.write(f"dataset {study.dataset_path}: subjects, tables and encoders check out\n")
         return 0
     return run(study, mode="resume" if args.resume else "fresh" if args.fresh else "auto", quiet=args.quiet)
 

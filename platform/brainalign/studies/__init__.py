@@ -1,6 +1,6 @@
 """Studies: one file format, one engine and one report for every kind of study.
 
-A study file (``jobs/*.toml``; ``[study] kind = "sweep"`` by default, or ``"cross_subject"``)
+A study file (``jobs/*.toml``; ``[study] kind = "sweep"`` by default, ``"cross_subject"`` or ``"calibrate"``)
 is read by :func:`load_study` without touching data, MLflow or Ray. The kind's *plan* turns
 it into typed units (searches, tested runs); :func:`run_study` runs any plan with resume,
 a stop guard and one report. ``brainalign study run|check|report|status`` is the CLI.
@@ -11,7 +11,7 @@ Layout of the package (folder -> responsibility):
 * ``searchspace.py``: search-space files;
 * ``data.py``: the study's dataset (simulated when asked) checked against the study;
 * ``units.py``: the typed units a plan produces and the ``Plan`` protocol;
-* ``sweep.py``, ``cross_subject.py``: one module per kind (options, parser, plan);
+* ``sweep.py``, ``cross_subject.py``, ``calibrate.py``: one module per kind (options, parser, plan);
 * ``engine.py``: runs any plan (state, resume, stop guard, dispatch, report logging);
 * ``report.py`` and ``_stats.py``: the one report and its statistics;
 * ``progress.py``: ``status`` and the live console view, both read from MLflow;
@@ -20,8 +20,8 @@ Layout of the package (folder -> responsibility):
 Importing this package is light: Tune, Optuna, Ray and MLflow load when a study runs.
 """
 
-from . import cross_subject, sweep  # noqa: F401  (register the kinds)
-from ._stats import ComparisonStats, FinalRow, PairedTest, compare, mean_sem, paired_tests, summarize
+from . import calibrate, cross_subject, sweep  # noqa: F401  (register the kinds)
+from ._stats import ComparisonStats, FinalRow, compare, mean_sem, summarize
 from .cross_subject import CrossSubjectPlan, config_from_run, configs_from_sweep
 from .data import ensure_dataset, validate_data
 from .engine import (
@@ -29,6 +29,7 @@ from .engine import (
     StopGuard,
     StudyOutcome,
     check_study,
+    combine_studies,
     make_plan,
     render_report,
     run_study,
@@ -61,7 +62,6 @@ __all__ = [
     "FinalRow",
     "JobStopped",
     "PairSpec",
-    "PairedTest",
     "ParamSpec",
     "Plan",
     "Report",
@@ -78,6 +78,7 @@ __all__ = [
     "SweepPlan",
     "build_report",
     "check_study",
+    "combine_studies",
     "compare",
     "config_from_run",
     "configs_from_sweep",
@@ -88,7 +89,6 @@ __all__ = [
     "load_study",
     "make_plan",
     "mean_sem",
-    "paired_tests",
     "register_kind",
     "render_report",
     "run_study",

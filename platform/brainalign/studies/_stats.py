@@ -1,28 +1,31 @@
-"""The statistics of a study report, in one place (and behind one function, :func:`summarize`).
+"""The statistics of a study report: :mod:`brainalign.stats` applied to a study's tested runs.
 
-For every brain encoder x backbone and metric: mean +- s.e.m. of each arm over subjects
-(each subject's value averaged over its seeds) and over all (subject, seed) runs, the mean
-+- s.e.m. of the per-subject differences, the relative improvement ``(aligned - base) /
-base`` of the subject means, a two-sided paired t-test (``scipy.stats.ttest_rel``) and the
-Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) across subjects (seed-averaged) and
-across (subject, seed) pairs. Where a test is undefined (fewer than 2 pairs, all differences
-zero, constant differences) its p-value is NaN and a note says why.
+For every brain encoder x backbone and metric, one subject-level
+:class:`~brainalign.stats.PairedComparison` of aligned vs base (each subject's value is the
+mean over its seeds; seeds are repeated measurements of one subject, never independent
+samples): both arms' mean +- s.e.m., the mean difference with a t-based and a subject
+bootstrap 95 % CI, Cohen's d_z, the paired t-test, the exact sign-flip permutation test (the
+primary test) and the Wilcoxon signed-rank test; with several seeds per subject, a run-level
+linear mixed model with a random subject effect, labelled as such and never the headline.
+All comparisons of a study form one family: Holm (default) or Benjamini-Hochberg adjusted
+p-values sit beside the raw ones and stars come only from the adjusted primary p.
 
-The report reads these numbers only through :func:`summarize`; replacing the statistics
-(subject-level inference, confidence intervals, permutation tests) is a change here.
+The report reads these numbers only through :func:`summarize`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["METRICS", "ComparisonStats", "FinalRow", "PairedTest", "compare", "mean_sem", "paired_tests",
-           "summarize"]
+from .. import stats
+from ..stats import mean_sem
+
+__all__ = ["METRICS", "ComparisonStats", "FinalRow", "compare", "mean_sem", "summarize"]
 
 #: The test metrics a report compares.
 METRICS = ("test_top1", "test_top5")
@@ -44,19 +47,9 @@ class FinalRow:
     test_n_way: float = float("nan")
 
 
-@dataclass(frozen=True)
-class PairedTest:
-    """A paired comparison of aligned vs base. ``p`` is NaN where the test is undefined."""
-
-    n: int
-    statistic: float
-    p: float
-    note: str = ""
-
-
 @dataclass
 class ComparisonStats:
-    """Aligned vs base for one encoder x backbone x metric."""
+    """Aligned vs base for one encoder x backbone x metric (``comparison``: the statistics)."""
 
     encoder: str
     backbone: str
@@ -65,87 +58,56 @@ class ComparisonStats:
     metric: str
     n_subjects: int
     n_seeds: int
-    aligned_subject_mean: float
-    aligned_subject_sem: float
-    base_subject_mean: float
-    base_subject_sem: float
-    aligned_run_mean: float
-    aligned_run_sem: float
-    base_run_mean: float
-    base_run_sem: float
+    comparison: stats.PairedComparison
     relative_improvement: float
-    diff_subject_mean: float
-    diff_subject_sem: float
-    ttest_subjects: PairedTest
-    ttest_runs: PairedTest
-    wilcoxon_subjects: PairedTest
-    wilcoxon_runs: PairedTest
     chance: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
+    # the numbers every table shows, by name
+    @property
+    def aligned_subject_mean(self) -> float:
+        return self.comparison.a.mean
 
-def mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (``std(ddof=1) / sqrt(n)``; NaN for n < 2)."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    if x.size < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+    @property
+    def aligned_subject_sem(self) -> float:
+        return self.comparison.a.sem
 
+    @property
+    def base_subject_mean(self) -> float:
+        return self.comparison.b.mean
 
-def paired_tests(aligned: Sequence[float], base: Sequence[float]) -> tuple[PairedTest, PairedTest]:
-    """Two-sided paired t-test and Wilcoxon signed-rank test of ``aligned`` vs ``base``.
+    @property
+    def base_subject_sem(self) -> float:
+        return self.comparison.b.sem
 
-    Parameters
-    ----------
-    aligned, base : sequence of float
-        Paired values (same length, same order).
+    @property
+    def diff_subject_mean(self) -> float:
+        return self.comparison.mean_difference
 
-    Returns
-    -------
-    ttest, wilcoxon : PairedTest
-        ``scipy.stats.ttest_rel`` and ``scipy.stats.wilcoxon`` results; NaN with a note when
-        fewer than 2 pairs, all differences are zero, or (t-test) the differences are constant.
-    """
-    from scipy import stats
+    @property
+    def diff_subject_sem(self) -> float:
+        return mean_sem(self.comparison.differences)[1]
 
-    a = np.asarray(aligned, dtype=float)
-    b = np.asarray(base, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
-    n = int(a.size)
-    d = a - b
-    nan = float("nan")
-    if n < 2:
-        note = f"n = {n} pair(s): a paired test needs at least 2"
-        return PairedTest(n, nan, nan, note), PairedTest(n, nan, nan, note)
-    if np.all(d == 0):
-        note = "all differences are zero"
-        return PairedTest(n, nan, nan, note), PairedTest(n, nan, nan, note)
-    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # equal up to rounding
-        t = PairedTest(n, nan, nan, "constant differences: t is undefined (zero variance)")
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = stats.ttest_rel(a, b)
-        t = PairedTest(n, float(res.statistic), float(res.pvalue))
-    nonzero = int(np.count_nonzero(d))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            wres = stats.wilcoxon(a, b)
-            w = PairedTest(n, float(wres.statistic), float(wres.pvalue))
-        except ValueError as e:
-            w = PairedTest(n, nan, nan, f"wilcoxon undefined: {e}")
-    if w.note == "" and nonzero < 6:
-        w = PairedTest(n, w.statistic, w.p, f"only {nonzero} non-zero differences: the signed-rank test "
-                       "cannot reach p < 0.05 (two-sided) below 6")
-    return t, w
+    @property
+    def label(self) -> str:
+        return f"{self.encoder} × {self.backbone} {self.metric.replace('test_', '').replace('top', 'top-')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes None)."""
+        return {
+            "encoder": self.encoder, "backbone": self.backbone, "aligned_alignment": self.aligned_alignment,
+            "base_alignment": self.base_alignment, "metric": self.metric, "n_subjects": self.n_subjects,
+            "n_seeds": self.n_seeds, "relative_improvement": _finite(self.relative_improvement),
+            "chance": _finite(self.chance), "notes": list(self.notes), "comparison": self.comparison.to_dict(),
+        }
 
 
-def compare(rows: Iterable[FinalRow], metric: str) -> list[ComparisonStats]:
-    """Aligned vs base statistics of ``metric`` for every encoder x backbone in ``rows``.
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def compare(rows: Iterable[FinalRow], metric: str, *, seed: int = 0) -> list[ComparisonStats]:
+    """Aligned vs base of ``metric`` for every encoder x backbone in ``rows`` (uncorrected).
 
     Parameters
     ----------
@@ -153,6 +115,8 @@ def compare(rows: Iterable[FinalRow], metric: str) -> list[ComparisonStats]:
         Final runs; for each encoder x backbone both arms must cover the same subjects and seeds.
     metric : {"test_top1", "test_top5"}
         The metric compared.
+    seed : int
+        Seed of the subject bootstrap.
 
     Returns
     -------
@@ -178,42 +142,41 @@ def compare(rows: Iterable[FinalRow], metric: str) -> list[ComparisonStats]:
         keys = sorted(al)
         subjects = sorted({s for s, _ in keys})
         seeds = sorted({k for _, k in keys})
-        a_runs = [getattr(al[k], metric) for k in keys]
-        b_runs = [getattr(ba[k], metric) for k in keys]
-        a_sub = [float(np.mean([getattr(al[k], metric) for k in keys if k[0] == s])) for s in subjects]
-        b_sub = [float(np.mean([getattr(ba[k], metric) for k in keys if k[0] == s])) for s in subjects]
-        am, ase = mean_sem(a_sub)
-        bm, bse = mean_sem(b_sub)
-        arm_, ars = mean_sem(a_runs)
-        brm, brs = mean_sem(b_runs)
-        dm, dse = mean_sem([x - y for x, y in zip(a_sub, b_sub, strict=True)])
-        t_sub, w_sub = paired_tests(a_sub, b_sub)
-        t_run, w_run = paired_tests(a_runs, b_runs)
-        n_way = float(np.nanmean([al[k].test_n_way for k in keys])) if keys else float("nan")
+        a = {s: [float(getattr(al[k], metric)) for k in keys if k[0] == s] for s in subjects}
+        b = {s: [float(getattr(ba[k], metric)) for k in keys if k[0] == s] for s in subjects}
+        c = stats.paired_comparison(a, b, name=f"{enc} / {bb} / {metric}", seed=seed)
+        n_way = float(np.nanmean([al[k].test_n_way for k in keys]))
         k_top = 5 if metric.endswith("top5") else 1
         chance = min(k_top, n_way) / n_way if n_way and not math.isnan(n_way) else float("nan")
-        notes = []
-        for label, test in (("t-test across subjects", t_sub), ("t-test across (subject, seed)", t_run),
-                            ("Wilcoxon across subjects", w_sub), ("Wilcoxon across (subject, seed)", w_run)):
-            if test.note:
-                notes.append(f"{label}: {test.note}")
         out.append(ComparisonStats(
-            encoder=enc, backbone=bb,
-            aligned_alignment=next(iter(al.values())).alignment, base_alignment=next(iter(ba.values())).alignment,
-            metric=metric, n_subjects=len(subjects), n_seeds=len(seeds),
-            aligned_subject_mean=am, aligned_subject_sem=ase, base_subject_mean=bm, base_subject_sem=bse,
-            aligned_run_mean=arm_, aligned_run_sem=ars, base_run_mean=brm, base_run_sem=brs,
-            relative_improvement=(am - bm) / bm if bm else float("nan"),
-            diff_subject_mean=dm, diff_subject_sem=dse,
-            ttest_subjects=t_sub, ttest_runs=t_run, wilcoxon_subjects=w_sub, wilcoxon_runs=w_run,
-            chance=chance, notes=notes,
+            encoder=enc, backbone=bb, aligned_alignment=next(iter(al.values())).alignment,
+            base_alignment=next(iter(ba.values())).alignment, metric=metric, n_subjects=len(subjects),
+            n_seeds=len(seeds), comparison=c,
+            relative_improvement=(c.a.mean - c.b.mean) / c.b.mean if c.b.mean else float("nan"),
+            chance=chance,
         ))
     return out
 
 
-def summarize(rows: Sequence[FinalRow]) -> list[ComparisonStats]:
-    """Every comparison of a report: :func:`compare` for each of :data:`METRICS`, sorted by
-    encoder, backbone and metric. The one entry point the report uses."""
-    stats = [s for m in METRICS for s in compare(rows, m)]
-    stats.sort(key=lambda s: (s.encoder, s.backbone, s.metric))
-    return stats
+def summarize(rows: Sequence[FinalRow], *, correction: str = "holm", seed: int = 0) -> list[ComparisonStats]:
+    """Every comparison of a report, corrected as one family; sorted by encoder, backbone, metric.
+
+    Parameters
+    ----------
+    rows : sequence of FinalRow
+        The tested runs (complete aligned/base pairs).
+    correction : {"holm", "bh"}
+        Family-wise method over all comparisons (every encoder x backbone x metric).
+    seed : int
+        Seed of the bootstrap.
+    """
+    found = [s for m in METRICS for s in compare(rows, m, seed=seed)]
+    found.sort(key=lambda s: (s.encoder, s.backbone, s.metric))
+    corrected = stats.correct_family([s.comparison for s in found], correction)
+    for s, c in zip(found, corrected, strict=True):
+        s.comparison = c
+        s.notes = list(c.notes) + [f"{t}: {x.note}" for t, x in (("Wilcoxon", c.wilcoxon),)
+                                   if x.note and x.note not in c.notes]
+        if c.mixed is not None and c.mixed.note:
+            s.notes.append(f"run-level mixed model: {c.mixed.note}")
+    return found

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -234,6 +235,29 @@ def _pack_trial(config: dict[str, Any], packs: Mapping[str, Sequence[RunUnit]], 
 
 
 # --------------------------------------------------------------------------- running Tune
+def _restorable(path: Path) -> bool:
+    """Whether the Tune experiment in ``path`` can be resumed.
+
+    ``Tuner.can_restore`` only looks for ``tuner.pkl``, written when the experiment starts;
+    the trials and the searcher/scheduler state are in ``experiment_state-*.json``, saved
+    every few seconds. A driver killed (SIGKILL, node loss) in between leaves the first
+    without the second, and ``Tuner.restore`` then "fails to restore the run state" and
+    runs a broken experiment. Such a folder holds nothing to resume: it is removed (it lies
+    in the study's own folder) and the experiment starts again; MLflow runs its trials had
+    opened are reconciled by the engine.
+    """
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(path)):
+        return False
+    if any(path.glob("experiment_state-*.json")):
+        return True
+    log.warning("%s holds no saved experiment state (its driver died before Tune saved any): starting it again",
+                path)
+    shutil.rmtree(path)
+    return False
+
+
 @contextlib.contextmanager
 def _output_to(path: Path) -> Iterator[None]:
     """Tune's console output (printed tables, Ray's loggers, warnings) into ``path``."""
@@ -301,6 +325,8 @@ class SearchOutcome:
     best_value: float
     best_trial_id: str
     trials: list[TrialSummary] = field(default_factory=list)
+    #: every trial of the experiment (runs tagged with another trial id are left by a dead driver)
+    trial_ids: set[str] = field(default_factory=set)
 
     @property
     def n_errored(self) -> int:
@@ -363,7 +389,7 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
     space = unit.space
     path = folder / unit.key
     trainable = tune.with_resources(tune.with_parameters(_search_trial, unit=unit), {"cpu": resources.trial_cpus})
-    if tune.Tuner.can_restore(str(path)):
+    if _restorable(path):
         log.info("resuming search %s from %s", unit.key, path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -410,7 +436,8 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
         ))
     best_t = select_best(summaries, space.metric, space.mode, unit.key)
     return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
-                         best_trial_id=best_t.trial_id, trials=summaries)
+                         best_trial_id=best_t.trial_id, trials=summaries,
+                         trial_ids={str(t.trial_id) for t in results._experiment_analysis.trials})
 
 
 @dataclass
@@ -456,7 +483,7 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     packs = pack_units(units)
     trainable = tune.with_resources(tune.with_parameters(_pack_trial, packs=packs, state_path=str(state_path)),
                                     {"cpu": resources.trial_cpus})
-    if tune.Tuner.can_restore(str(path)):
+    if _restorable(path):
         log.info("resuming %s from %s", name, path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
     else:

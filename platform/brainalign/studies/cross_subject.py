@@ -6,8 +6,14 @@ all training subjects) and test on subject ``k``'s test set (AlignVis
 ``scripts/clip_eeg_cross.sh``). There is no search: the hyperparameters are ``[config]``,
 optionally replaced by another run's:
 
-* ``config_from_run = "<run id>"``: the resolved config of a finished run (e.g. a sweep's
-  best final), for every arm;
+* ``config_from_run = "<run id>"``: the resolved config of a finished run, for every arm.
+  Only a config fixed before any test result existed is taken: a run that was never tested
+  (a search trial, an untested train run), or a sweep's final, whose config its search
+  selected on validation data (tag ``selected_by``). A tested run without that provenance, or
+  one selected by a test metric, is refused: its config may have been chosen by looking at
+  test scores. Never pick the run itself by its test score (e.g. "the best final"): both
+  arms get ITS arm's tuned config, and choosing it by test biases the comparison; prefer
+  ``config_from_sweep``;
 * ``config_from_sweep = "<study run id>"``: each arm takes the best config of its own search
   in a finished sweep (so the aligned and the base arm keep their separate tuning).
 
@@ -17,6 +23,7 @@ Keys a study sets itself and machine keys are never taken over
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +36,9 @@ from .searchspace import SearchSpace
 from .spec import Study, StudyKind, as_str, inheritable, register_kind
 from .units import RunUnit, SearchUnit, StudyContext, arm_subject_seed_keys, unit_key
 
-__all__ = ["CrossSubjectOptions", "CrossSubjectPlan", "config_from_run", "configs_from_sweep"]
+__all__ = ["CrossSubjectOptions", "CrossSubjectPlan", "check_selection", "config_from_run", "configs_from_sweep"]
+
+log = logging.getLogger(__name__)
 
 _KEYS = ("config_from_run", "config_from_sweep")
 
@@ -55,16 +64,56 @@ def _parse(w: str, st: Mapping[str, Any], study: Study) -> CrossSubjectOptions:
     return opts
 
 
-def config_from_run(run_id: str, uri: str) -> dict[str, Any]:
-    """Hyperparameters of a finished run (its ``config/resolved_config.json`` artifact).
+def check_selection(run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float]) -> str:
+    """Refuse a run whose config may have been chosen with test results; returns how it was selected.
 
-    Keys a study sets itself and machine keys are dropped.
+    Accepted: a run never tested (no ``test_*`` metric), or one whose ``selected_by`` tag
+    names a validation metric (a sweep's final). Refused: ``selected_by`` naming a test
+    metric, or a tested run without selection provenance.
 
     Raises
     ------
     BrainalignError
-        The run does not exist or has no resolved config.
+        The run's config is not known to be fixed before any test result.
     """
+    selected_by = tags.get("selected_by", "")
+    if "test" in selected_by:
+        raise BrainalignError(
+            f"config_from_run: run {run_id} was selected by {selected_by!r}, a test metric: a config chosen on test "
+            "data cannot be compared on test data. Use config_from_sweep (selected on validation) or a config fixed "
+            "in [config]."
+        )
+    tested = sorted(k for k in metrics if k.startswith("test_"))
+    if selected_by:
+        return selected_by
+    if tested:
+        raise BrainalignError(
+            f"config_from_run: run {run_id} (role {tags.get('role', '?')!r}) was tested ({', '.join(tested[:3])}...) "
+            "and carries no `selected_by` tag, so nothing shows its config was fixed before its test result existed. "
+            "Use config_from_sweep = \"<sweep's study run id>\" (each arm's own search, selected on validation), the "
+            "run id of an untested run (e.g. a search trial), or copy the hyperparameters into [config]."
+        )
+    return f"untested run ({tags.get('role', 'train')})"
+
+
+def config_from_run(run_id: str, uri: str) -> dict[str, Any]:
+    """Hyperparameters of a finished run (its ``config/resolved_config.json`` artifact).
+
+    Keys a study sets itself and machine keys are dropped; the run's config must have been
+    fixed before any test result (:func:`check_selection`).
+
+    Raises
+    ------
+    BrainalignError
+        The run does not exist, has no resolved config, or its config may have been chosen
+        with test results.
+    """
+    try:
+        rec = tracking.get_run(run_id, uri)
+    except Exception as e:
+        raise BrainalignError(f"config_from_run: no MLflow run {run_id!r} at {uri}: {e}") from e
+    how = check_selection(run_id, rec.tags, rec.metrics)
+    log.info("config_from_run %s: config selected by %s; both arms use it", run_id, how)
     try:
         flat = tracking.download_json(run_id, "config/resolved_config.json", uri)
     except Exception as e:

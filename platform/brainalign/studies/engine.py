@@ -46,7 +46,15 @@ from ..paths import Locations
 from ._state import STATE_FILE, StudyState
 from .data import ensure_dataset, validate_data
 from .progress import LiveView, status_lines
-from .report import Report, build_report, rows_from_runs, write_report
+from .report import (
+    CombinedReport,
+    Report,
+    build_report,
+    combine_reports,
+    rows_from_runs,
+    write_combined,
+    write_report,
+)
 from .spec import Study, kind_info
 from .units import Plan, RunUnit, SearchUnit, StudyContext
 
@@ -57,6 +65,7 @@ __all__ = [
     "StudyOutcome",
     "check_locations",
     "check_study",
+    "combine_studies",
     "make_plan",
     "ray_job_id",
     "render_report",
@@ -120,6 +129,9 @@ def check_study(study: Study) -> Plan:
     """Everything ``brainalign study check`` checks: the plan, then the dataset (simulated
     first when the study says so and it is missing). Returns the plan."""
     plan = make_plan(study)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate): no study dataset
+        plan.check()
+        return plan
     ensure_dataset(study)
     validate_data(study, plan.search_spaces(), plan.training_sets())
     return plan
@@ -254,7 +266,7 @@ class _Execution:
             # so with concurrent trials the arrival order (timing) would pick the best config
             outcome = _tune.run_search(unit, folder=self.folder, resources=st.resources,
                                        max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=self.log_file)
-            n_pruned = self._reconcile_trials(unit, run_id, outcome.trials)
+            n_pruned = self._reconcile_trials(unit, run_id, outcome.trials, outcome.trial_ids)
             space = unit.space
             leaderboard = sorted(
                 ({"trial_id": t.trial_id, space.metric: None if math.isnan(t.value) else t.value,
@@ -274,9 +286,11 @@ class _Execution:
         log.info("search %s: best %s = %.4f with %s", unit.key, unit.space.metric, outcome.best_value,
                  outcome.best_config)
 
-    def _reconcile_trials(self, unit: SearchUnit, run_id: str, trials: Sequence[Any]) -> int:
-        """One run per Tune trial (a resumed trial ran again); trials ASHA stopped are tagged
-        ``pruned`` (the scheduler does it as it stops them; this catches what it missed)."""
+    def _reconcile_trials(self, unit: SearchUnit, run_id: str, trials: Sequence[Any], trial_ids: set[str]) -> int:
+        """One run per Tune trial (a resumed trial ran again, the older attempt is deleted); trials
+        ASHA stopped are tagged ``pruned`` (the scheduler does it as it stops them; this catches
+        what it missed); runs of trials the experiment does not know (started by a driver that
+        died before Tune saved them) are deleted."""
         n_pruned = 0
         for t in trials:
             runs = tracking.find_runs(self.study.experiment, {"mlflow.parentRunId": run_id,
@@ -289,6 +303,13 @@ class _Execution:
             n_pruned += pruned
             if kept and t.error:
                 tracking.end_run(kept, "FAILED", self.uri)
+        # trials a killed driver had started after Tune last saved its state are not in the
+        # restored experiment (Optuna proposed them again as new trials): their runs go
+        known = set(trial_ids) | {t.trial_id for t in trials}
+        for r in tracking.find_runs(self.study.experiment, {"mlflow.parentRunId": run_id, "role": "trial"}, self.uri):
+            if r.tags.get("tune_trial_id") not in known:
+                log.info("deleting run %s of trial %s, lost with a dead driver", r.run_id, r.tags.get("tune_trial_id"))
+                tracking.delete_run(r.run_id, self.uri)
         return n_pruned
 
     # ----------------------------------------------------------------- tested runs
@@ -384,6 +405,7 @@ def _render(study: Study, plan: Plan, study_run_id: str, uri: str, selection: Ma
     runs = tracking.children(study_run_id, uri, tags={"role": "final"})
     report = build_report(
         rows_from_runs(runs, set(keys)), subjects=study.subjects, expected=len(keys), protocol=plan.protocol(),
+        correction=study.correction,
         title=f"Study {study.name}: human-aligned vs base (test, {len(study.subjects)} subjects × "
               f"{len(study.final_seeds)} seeds)",
     )
@@ -443,7 +465,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     KeyboardInterrupt
         Interrupted (Ctrl-C, or :class:`JobStopped` on SIGTERM); the same call resumes.
     """
-    from .._ray import ensure_ray
+    from .._ray import check_tracking_for_cluster, ensure_ray
 
     check_option("mode", mode, MODES)
     check_locations()
@@ -451,6 +473,9 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     loc = Locations.current()
     uri = loc.tracking_uri
     plan = plan or make_plan(study, uri)
+    if hasattr(plan, "execute"):  # a kind that runs its own draws (calibrate: studies/calibrate.py)
+        outcome: StudyOutcome = plan.execute(live=live, mode=mode)
+        return outcome
     folder = study_folder(study)
     if mode == "fresh":
         _remove_folder(folder)
@@ -462,6 +487,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     claim_dir(folder, "study-storage")  # refuses a non-empty folder that brainalign did not create
     tracking.ensure_experiment(study.experiment, uri)  # created once, here, before any trial process
     ensure_ray()
+    check_tracking_for_cluster(uri)  # trials on other nodes cannot write a SQLite file of this one
     import ray
 
     from ._tune import max_concurrent_trials
@@ -528,16 +554,53 @@ def render_report(study: Study) -> Report:
         The study has no study run in MLflow yet.
     """
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: re-rendered from its recorded draws
+        report: Report = plan.report()
+        return report
     run_id = _study_run_id(study, uri)
     if not run_id:
         raise BrainalignError(f"study {study.name} has no study run in experiment {study.experiment!r} at {uri}.")
-    return _render(study, make_plan(study, uri), run_id, uri)
+    return _render(study, plan, run_id, uri)
+
+
+def combine_studies(studies: Sequence[Study]) -> CombinedReport:
+    """``brainalign study report A B C``: re-render each study's report from MLflow and combine
+    the comparisons they share with Stouffer's z (weights sqrt(n subjects)); written to
+    ``$BRAINALIGN_HOME/reports/combined-<A>+<B>+.../`` (correction: the first study's).
+
+    Raises
+    ------
+    BrainalignError
+        Fewer than two studies, the same study twice, a study of a kind without a report
+        (calibrate), or what :func:`~brainalign.studies.report.combine_reports` refuses.
+    """
+    names = [s.name for s in studies]
+    if len(set(names)) != len(names):
+        raise BrainalignError(f"a study is named twice: {names}; combine different studies.")
+    reports: dict[str, Report] = {}
+    for st in studies:
+        rep = render_report(st)
+        if not isinstance(rep, Report):
+            raise BrainalignError(f"study {st.name} is a {st.kind} study: it has no comparison to combine.")
+        reports[st.name] = rep
+    combined = combine_reports(reports, correction=studies[0].correction if studies else "holm")
+    return write_combined(combined, paths.home() / "reports" / ("combined-" + "+".join(names)))
 
 
 def study_status(study: Study) -> list[str]:
     """What ``brainalign study status`` prints: searches, trials and tested runs, from MLflow."""
     uri = tracking.tracking_uri()
+    plan = make_plan(study, uri)
+    if hasattr(plan, "execute"):  # calibrate: its recorded draws
+        from .calibrate import draws_file, load_draws
+
+        draws = load_draws(study)
+        done = {e: sum(d["effect"] == e for d in draws) for e in study.options.effects}
+        return [f"study {study.name} ({study.kind})",
+                "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws}" for e, n in done.items()),
+                f"  recorded in: {draws_file(study)}"]
     run_id = _study_run_id(study, uri)
     state = study_folder(study) / STATE_FILE
     extra = [f"  state: {state}" if state.is_file() else "  state: none (not started here)"]
-    return status_lines(study, make_plan(study, uri), run_id, uri, extra)
+    return status_lines(study, plan, run_id, uri, extra)

@@ -17,7 +17,7 @@ from .._checks import BrainalignError, check_option, suggest
 from ..config import TrainConfig
 from .spec import STUDY_OWNED, as_number, as_str, check_keys, need, read_toml
 
-__all__ = ["SEARCH_METRICS", "ParamSpec", "SearchSpace", "load_searchspace"]
+__all__ = ["SEARCH_FOR_SELECT", "SEARCH_METRICS", "ParamSpec", "SearchSpace", "load_searchspace"]
 
 #: Metrics a search may select on: validation metrics reported at every epoch, never test.
 SEARCH_METRICS: dict[str, str] = {
@@ -26,6 +26,9 @@ SEARCH_METRICS: dict[str, str] = {
     "val_top5": "max",
     "val_loss": "min",
 }
+#: A study's selection metric (the checkpoint's ``select_metric``) -> the metric its searches
+#: rank trials by: the same quantity, taken at each trial's best epoch.
+SEARCH_FOR_SELECT: dict[str, str] = {"val_loss": "val_loss", "val_top1": "val_top1_best"}
 _SPACE_KEYS = ("encoder", "metric", "mode", "description", "params")
 _PARAM_KINDS = ("float", "int", "choice")
 _PARAM_KEYS = ("float", "int", "choice", "log", "step")
@@ -171,7 +174,7 @@ def _flatten_params(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_searchspace(path: str | Path, encoder: str | None = None,
-                     base: Mapping[str, Any] | None = None) -> SearchSpace:
+                     base: Mapping[str, Any] | None = None, select_metric: str | None = None) -> SearchSpace:
     """Read and validate a search-space file.
 
     Parameters
@@ -183,6 +186,10 @@ def load_searchspace(path: str | Path, encoder: str | None = None,
     base : mapping, optional
         Flat base config (the study's ``[config]`` plus owned keys) on top of which every
         bound and choice is checked by building a :class:`~brainalign.TrainConfig`.
+    select_metric : {"val_loss", "val_top1"}, optional
+        The study's selection metric. The search then ranks trials by the same quantity
+        (:data:`SEARCH_FOR_SELECT`); a file without ``metric`` follows it, a file whose
+        ``metric`` differs is refused (search and checkpoint must select on the same thing).
 
     Returns
     -------
@@ -205,7 +212,15 @@ def load_searchspace(path: str | Path, encoder: str | None = None,
     encoder_info(file_encoder)  # unknown encoder -> closest match
     if encoder is not None and file_encoder != encoder:
         raise BrainalignError(f"{where} is for encoder {file_encoder!r}, but the study uses it for {encoder!r}.")
-    metric = as_str(f"{where}: metric", doc.get("metric", "val_top1_best"))
+    follow = SEARCH_FOR_SELECT.get(select_metric or "")
+    metric = as_str(f"{where}: metric", doc.get("metric", follow or "val_top1_best"))
+    if follow is not None and metric != follow:
+        raise BrainalignError(
+            f"{where}: metric {metric!r} differs from the study's selection metric {select_metric!r} (searched as "
+            f"{follow!r}): the search and the checkpoint must select on the same validation quantity. Remove "
+            f"`metric` (and `mode`) from the search space (it then follows [study] select_metric) or set [study] "
+            f"select_metric = {next((k for k, v in SEARCH_FOR_SELECT.items() if v == metric), 'val_top1')!r}."
+        )
     if metric not in SEARCH_METRICS:
         hint = " Test metrics are never used for selection." if metric.startswith("test") else ""
         raise BrainalignError(

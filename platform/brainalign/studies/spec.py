@@ -68,12 +68,13 @@ STUDY_OWNED: dict[str, str] = {
 #: Keys ``[config]`` may set but that describe this machine, not the model: never taken from
 #: another run's config.
 MACHINE_KEYS = frozenset({"data.embeddings_dir", "torch_threads"})
-#: Keys never inherited from another run (``config_from_run``, ``config_from_sweep``).
-INHERIT_NEVER = frozenset(STUDY_OWNED) | MACHINE_KEYS
+#: Keys never inherited from another run (``config_from_run``, ``config_from_sweep``): the
+#: study's own selection metric included.
+INHERIT_NEVER = frozenset(STUDY_OWNED) | MACHINE_KEYS | {"select_metric"}
 
 _TABLES = ("study", "resources", "config")
 _COMMON_KEYS = ("kind", "name", "experiment", "description", "dataset", "simulate", "subjects", "encoders",
-                "pairs", "max_epochs", "final_seeds")
+                "pairs", "max_epochs", "final_seeds", "correction", "select_metric")
 _RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
 _SIMULATE_KEYS = ("preset", "seed", "null", "overrides")
 _ENCODER_KEYS = ("name", "searchspace")
@@ -334,6 +335,14 @@ class Study:
         Flat ``[config]``: TrainConfig keys shared by every run.
     overrides : mapping
         Flat config overrides from ``--set`` (win over ``[config]`` and inherited configs).
+    correction : {"holm", "bh"}
+        Family-wise correction over all comparisons of the report (Holm: family-wise error
+        rate, the default; ``bh``: Benjamini-Hochberg false discovery rate).
+    select_metric : {"val_loss", "val_top1"}
+        The validation metric that selects: every run's checkpoint (``select_metric`` of its
+        config) and, in a sweep, the search's trials (ranked by the same quantity at their best
+        epoch). ``[study] select_metric``, else ``[config]``/``--set`` ``select_metric``, else
+        for a sweep the metric of its search spaces, else ``val_loss``; they may not disagree.
     options : KindOptions or None
         The kind's own settings.
     path : str
@@ -355,6 +364,8 @@ class Study:
     resources: Resources
     config: Mapping[str, Any]
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    correction: str = "holm"
+    select_metric: str = "val_loss"
     options: Any = None
     path: str = ""
 
@@ -421,7 +432,7 @@ class Study:
             "resources": {k: getattr(self.resources, k) for k in _RESOURCE_KEYS},
             "config": plain(self.config), "overrides": plain(self.overrides),
             "options": self.options.to_json() if self.options is not None else None,
-        }
+        } | ({"correction": self.correction} if self.correction != "holm" else {})  # old fingerprints stay valid
 
     def fingerprint(self) -> str:
         """Short hash of :meth:`to_json`."""
@@ -524,6 +535,27 @@ def _parse_seeds(w: str, raw: Any) -> tuple[int, ...]:
     return tuple(range(as_int(f"{w} final_seeds", raw, 1)))
 
 
+def _select_metric(w: str, st: Mapping[str, Any], config: Mapping[str, Any], overrides: Mapping[str, Any]) -> str:
+    """The study's one selection metric: ``--set`` > ``[study] select_metric`` > ``[config]``
+    (``[study]`` and ``[config]``, or ``[study]`` and ``--set``, may not disagree); ``""`` when
+    none says (the kind decides: a sweep follows its search spaces, others ``val_loss``)."""
+    from ..config import SELECT_METRICS
+
+    study_v, set_v, config_v = (None if v is None else str(v) for v in (
+        st.get("select_metric"), overrides.get("select_metric"), config.get("select_metric")))
+    for where, v in ((f"{w} select_metric", study_v), ("--set select_metric", set_v),
+                     ("[config] select_metric", config_v)):
+        if v is not None:
+            check_option(where, v, SELECT_METRICS)
+    other = set_v if set_v is not None else config_v
+    if study_v is not None and other is not None and other != study_v:
+        raise BrainalignError(
+            f"{w} select_metric = {study_v!r} but {'--set' if set_v is not None else '[config]'} select_metric = "
+            f"{other!r}: a study selects its searches and its checkpoints on one validation metric. Keep one."
+        )
+    return set_v or study_v or config_v or ""
+
+
 def _parse_resources(where: str, doc: Any) -> Resources:
     w = f"{where}: [resources]"
     if not isinstance(doc, Mapping):
@@ -593,6 +625,10 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
     except BrainalignError as e:
         raise BrainalignError(f"{where}: [config] (with max_epochs = {max_epochs}) is invalid: {e}") from None
 
+    select_metric = _select_metric(w, st, config, overrides)
+    if select_metric:
+        config = dict(config) | {"select_metric": select_metric}
+        overrides = {k: v for k, v in overrides.items() if k != "select_metric"}
     study = Study(
         kind=kind.name, name=name,
         experiment=_check_study_name(as_str(f"{w} experiment", st.get("experiment", name)), f"{w} experiment"),
@@ -604,8 +640,15 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
         max_epochs=max_epochs, final_seeds=_parse_seeds(w, st.get("final_seeds", 3)),
         resources=_parse_resources(where, doc.get("resources", {})),
         config=config, overrides=overrides, path=str(p),
+        correction=check_option(f"{w} correction", as_str(f"{w} correction", st.get("correction", "holm")),
+                                ("holm", "bh")),
+        select_metric=select_metric,
     )
     study = replace(study, options=kind.parse(w, st, study))
+    if not select_metric:  # unstated: the kind's choice (a sweep: its search spaces' metric), else val_loss
+        select_metric = getattr(study.options, "select_metric", "") or "val_loss"
+        config = dict(config) | ({"select_metric": select_metric} if select_metric != "val_loss" else {})
+        study = replace(study, select_metric=select_metric, config=config)
     for arm in study.arms():  # every run's config must be valid (warmup < epochs, batch sizes...)
         try:
             TrainConfig.from_flat(study.run_flat(arm, subjects=subjects[:1], seed=0, run_name="check"))

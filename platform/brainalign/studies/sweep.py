@@ -44,6 +44,9 @@ class SweepOptions:
         Seed of Optuna's sampler and of every search trial.
     spaces : tuple of SearchSpace
         One per encoder, in the study's encoder order.
+    select_metric : str
+        The checkpoint metric of every run: the study's, or (unstated) the one its search
+        spaces rank trials by, so that search and checkpoint select on the same quantity.
     """
 
     search_subject: str
@@ -52,6 +55,7 @@ class SweepOptions:
     reduction_factor: int
     seed: int
     spaces: tuple[SearchSpace, ...]
+    select_metric: str = "val_loss"
 
     def space(self, encoder: str) -> SearchSpace:
         return next(s for s in self.spaces if s.encoder == encoder)
@@ -76,6 +80,21 @@ def _space_path(where: str, study_file: Path, encoder: str, given: str | None) -
     )
 
 
+def _checkpoint_metric(w: str, spaces: list[SearchSpace]) -> str:
+    """The checkpoint metric that matches the spaces' search metric (all must agree)."""
+    from .searchspace import SEARCH_FOR_SELECT
+
+    back = {v: k for k, v in SEARCH_FOR_SELECT.items()} | {"val_top1": "val_top1"}
+    found = {s.metric for s in spaces}
+    picked = {back.get(m, "") for m in found}
+    if len(picked) != 1 or "" in picked:
+        raise BrainalignError(
+            f"{w}: the search spaces rank trials by {sorted(found)}, which do not give one checkpoint metric "
+            f"(val_loss or val_top1). State it: [study] select_metric = \"val_loss\" or \"val_top1\"."
+        )
+    return picked.pop()
+
+
 def _parse(w: str, st: Mapping[str, Any], study: Study) -> SweepOptions:
     search_subject = str(st.get("search_subject", study.subjects[0]))
     if search_subject not in study.subjects:
@@ -90,12 +109,13 @@ def _parse(w: str, st: Mapping[str, Any], study: Study) -> SweepOptions:
     spaces = []
     for enc in study.encoders:
         path = _space_path(w, Path(study.path), enc, study.searchspaces.get(enc))
-        space = load_searchspace(path, enc, base)
+        space = load_searchspace(path, enc, base, select_metric=study.select_metric or None)
         clash = sorted(set(space.names) & set(study.overrides))
         if clash:
             raise BrainalignError(f"--set {clash} would override what the search space {path} searches.")
         spaces.append(space)
     return SweepOptions(
+        select_metric=study.select_metric or _checkpoint_metric(w, spaces),
         search_subject=search_subject, trials=trials, grace_period=grace,
         reduction_factor=as_int(f"{w} reduction_factor", st.get("reduction_factor", 2), 2),
         seed=as_int(f"{w} seed", st.get("seed", 0), 0), spaces=tuple(spaces),
@@ -176,7 +196,8 @@ class SweepPlan:
     def protocol(self) -> str:
         st, o = self.study, self.options
         return (f"Within-subject. Each arm (brain encoder × image table) was tuned by its own Optuna TPE + ASHA "
-                f"search of {o.trials} trials on sub-{o.search_subject}'s validation split; its best config was "
+                f"search of {o.trials} trials on sub-{o.search_subject}'s validation split (selection metric "
+                f"{st.select_metric}: trials ranked by it, checkpoints kept at its best epoch); its best config was "
                 f"retrained on every subject (one model per subject, {st.max_epochs} epochs, seeds "
                 f"{list(st.final_seeds)}) and tested on that subject's test set.")
 

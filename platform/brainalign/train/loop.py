@@ -363,3 +363,23 @@ class EarlyStopping:
     def state_copy(self) -> dict[str, torch.Tensor]:
         assert self.best_state is not None, "update() was never called"
         return copy.deepcopy(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this tracker holds (best value, epoch, weights, patience count), for a
+        checkpoint; plain values and tensors (loadable with ``torch.load(weights_only=True)``)."""
+        return {"metric": self.metric, "best": self.best, "best_epoch": self.best_epoch,
+                "best_top1": self.best_top1, "bad_epochs": self.bad_epochs,
+                "best_state": copy.deepcopy(self.best_state) if self.best_state is not None else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (a run resumed from its checkpoint)."""
+        if state["metric"] != self.metric:
+            raise BrainalignError(
+                f"the checkpoint tracks select_metric {state['metric']!r}, this run {self.metric!r}: it belongs to "
+                "another run; remove its Ray storage folder or give the run another name."
+            )
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_top1 = float(state["best_top1"])
+        self.bad_epochs = int(state["bad_epochs"])
+        self.best_state = dict(state["best_state"]) or None

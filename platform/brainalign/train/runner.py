@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -25,8 +26,8 @@ import torch
 
 from .. import tracking
 from .._checks import BrainalignError, check_name
-from .._io import atomic_file, check_writable
-from .._ray import check_resources, ensure_ray, loopback_only, watch_resource_wait
+from .._io import check_writable
+from .._ray import check_resources, check_tracking_for_cluster, ensure_ray, loopback_only, watch_resource_wait
 from ..config import TrainConfig
 from ..data.contract import open_dataset
 from ..data.prepare import (
@@ -59,9 +60,21 @@ class TrainResult:
     val: dict[str, float]
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
-    checkpoint: Path | None = None
+    #: the run's Ray ``Checkpoint`` (read it with ``as_directory()``: it may live in object
+    #: storage); its file :attr:`checkpoint_file` holds the best-on-validation weights
+    checkpoint: Any = None
+    checkpoint_file: str = "model.pt"
     #: wall seconds of the run's phases (driver-side checks, MLflow, data, Train start-up...)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        """The best-on-validation weights (through Ray's Checkpoint API; ``weights_only``)."""
+        if self.checkpoint is None:
+            raise BrainalignError(f"run {self.run_id} kept no checkpoint (save_checkpoint was off).")
+        with self.checkpoint.as_directory() as d:
+            weights: dict[str, torch.Tensor] = torch.load(Path(d) / self.checkpoint_file, map_location="cpu",
+                                                          weights_only=True)
+        return weights
 
 
 def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
@@ -188,7 +201,7 @@ def run_pack(runs: Sequence[tuple[TrainConfig, RunSpec]], *, callbacks: Sequence
             if p.spec.evaluate_test:
                 if result.checkpoint is None:
                     raise RuntimeError("training produced no checkpoint to test")
-                result.test = _test(p.cfg, result.checkpoint, p.emb, p.ds, result.run_id, uri)
+                result.test = _test(p.cfg, result, p.emb, p.ds, uri)
             _log_artifacts(p.cfg, result, result.run_id, uri)
             result.timings["test_and_artifacts_s"] = time.perf_counter() - t_test
     n = len(planned)
@@ -209,7 +222,6 @@ class _Planned:
     table_path: Path
     emb: np.ndarray
     prepared: Any
-    emb_path: Path
 
 
 def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
@@ -246,13 +258,8 @@ def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
     check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
                     what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
                          f"use_gpu={str(cfg.use_gpu).lower()})")
-    emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
-    if not emb_path.is_file():
-        with atomic_file(emb_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, emb)
-    return _Planned(cfg=cfg, spec=spec, ds=ds, table=table, table_path=table_path, emb=emb, prepared=prepared,
-                    emb_path=emb_path)
+    check_tracking_for_cluster(uri)  # workers on other nodes cannot write a SQLite file of this one
+    return _Planned(cfg=cfg, spec=spec, ds=ds, table=table, table_path=table_path, emb=emb, prepared=prepared)
 
 
 def _check_packable(runs: Sequence[tuple[TrainConfig, RunSpec]]) -> None:
@@ -321,10 +328,11 @@ def _split_dataset(path: Path, nbytes: int) -> Any:
 
 def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequence[Any]) -> list[TrainResult]:
     """One ``TorchTrainer`` for the runs of ``planned`` (one after the other in its workers)."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_worker import dataset_names, train_loop_per_worker
+    from .ray_worker import dataset_names, run_files, train_loop_per_worker
 
     # Train V2's controller collects a worker's report only when it polls (every 2 s by
     # default) and a worker blocks on its next report until then: short epochs would each
@@ -336,7 +344,12 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
     t0 = time.perf_counter()
     datasets: dict[str, Any] = {}
     workers: list[WorkerSpec] = []
+    # image embeddings travel through the object store (no worker reads the driver's disk),
+    # once per distinct table of the pack
+    emb_refs: dict[str, Any] = {}
     for i, (p, run_id) in enumerate(zip(planned, run_ids, strict=True)):
+        if p.table.sha256 not in emb_refs:
+            emb_refs[p.table.sha256] = ray.put(np.ascontiguousarray(p.emb, dtype=np.float32))
         prepared = p.prepared
         row_bytes = 4 * prepared.n_chans * prepared.n_times
         train_bytes = prepared.n_train_rows * row_bytes
@@ -352,7 +365,7 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
         else:
             datasets[val_name] = _split_dataset(prepared.val_dir, val_bytes)
         workers.append(WorkerSpec(
-            config=p.cfg, emb_path=str(p.emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
+            config=p.cfg, embeddings=emb_refs[p.table.sha256], n_chans=prepared.n_chans, n_times=prepared.n_times,
             n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=p.spec.locations.tracking_uri,
             save_checkpoint=p.spec.save_checkpoint,
             # each worker keeps its shard in memory after the first pass when it is small, and the
@@ -369,7 +382,9 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
 
         torch_config = LoopbackTorchConfig()
     loop_config: dict[str, Any] = {"spec": workers[0]} if n == 1 else {"specs": tuple(workers)}
-    name = spec.storage_name or f"train-{run_ids[0]}"
+    # one Train run per MLflow run (or pack): a restarted worker group resumes from its own
+    # checkpoints; a new attempt (a study resumed after its driver died) starts its own
+    name = f"{spec.storage_name or 'train'}-{run_ids[0]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=torch_config,
@@ -385,8 +400,12 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
             name=name if n == 1 else f"{name}-pack{n}",
             storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
-            # every run of a pack attaches one checkpoint to its last report: keep them all
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=n),
+            # the latest checkpoint holds the state to resume from and the best weights of every
+            # finished run of the pack (ray_worker.write_checkpoint): it is the only one needed
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # a dead worker (OOM, preemption, lost node) restarts the worker group, which resumes
+            # from the latest checkpoint (ray_worker.py; one every checkpoint_every epochs)
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     t_fit = time.time()
@@ -400,30 +419,32 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
         raise user from e
     if result.error:
         raise _user_error(result.error) or result.error
-    by_index: dict[int, tuple[Any, dict[str, Any]]] = {}
-    for ckpt, metrics in result.best_checkpoints or []:
-        by_index[int(metrics.get("pack_index", 0))] = (ckpt, dict(metrics))
-    if not by_index and n == 1:  # a run without a checkpoint (save_checkpoint=False): last metrics only
-        by_index[0] = (result.checkpoint, dict(result.metrics or {}))
+    infos: dict[int, dict[str, Any]] = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:  # a local path or object storage alike
+            for i in range(n):
+                info_file = Path(d) / run_files(i, n)[1]
+                if info_file.is_file():
+                    infos[i] = json.loads(info_file.read_text())
     out = []
-    for i, run_id in enumerate(run_ids):
-        ckpt, metrics = by_index.get(i, (None, {}))
-        ckpt_path: Path | None = None
-        best: dict[str, Any] = {}
-        if ckpt is not None:
-            ckpt_path = Path(ckpt.path) / "model.pt"
-            best = json.loads((Path(ckpt.path) / "best.json").read_text())
+    for i, (p, run_id) in enumerate(zip(planned, run_ids, strict=True)):
+        info = infos.get(i)
+        if info is None and n > 1:
+            raise RuntimeError(f"the pack's last checkpoint holds no summary of run {i} ({run_id})")
+        metrics = dict(info["report"]) if info else dict(result.metrics or {})
         timings = {"data_to_ray_s": (t_data - t0) / n}
         if "t_run_start" in metrics and "t_first_report" in metrics:
             # wall-clock stamps of the worker: Train start-up (controller, worker group, process
             # group, imports) before the first run; the run's own set-up; its first epoch
             timings |= {"train_startup_s": float(metrics["t_worker_start"]) - t_fit if i == 0 else 0.0,
                         "run_start_to_first_report_s": float(metrics["t_first_report"]) - float(metrics["t_run_start"])}
+        keep = p.spec.save_checkpoint and result.checkpoint is not None and info is not None
         out.append(TrainResult(
             run_id=run_id,
             val={k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
-            best_epoch=int(best.get("best_epoch", -1)),
-            checkpoint=ckpt_path,
+            best_epoch=int(info["best_epoch"]) if info else -1,
+            checkpoint=result.checkpoint if keep else None,
+            checkpoint_file=run_files(i, n)[0],
             timings=timings,
         ))
     return out
@@ -461,9 +482,11 @@ def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, e
     return run
 
 
-def _test(cfg: TrainConfig, checkpoint: Path, emb: np.ndarray, ds: Any, run_id: str, uri: str) -> dict[str, float]:
+def _test(cfg: TrainConfig, result: TrainResult, emb: np.ndarray, ds: Any, uri: str) -> dict[str, float]:
     """N-way retrieval of repetition-averaged test trials against the test images."""
-    run = load_model(cfg, checkpoint, ds.meta.n_chans, ds.meta.n_times, emb)
+    run_id = result.run_id
+    with result.checkpoint.as_directory() as d:  # read through Ray's Checkpoint API (local or remote)
+        run = load_model(cfg, Path(d) / result.checkpoint_file, ds.meta.n_chans, ds.meta.n_times, emb)
     pos = ds.image_index()
     out: dict[str, float] = {}
     rows = []
@@ -520,8 +543,10 @@ def _log_artifacts(cfg: TrainConfig, result: TrainResult, run_id: str, uri: str)
     tracking.log_dict(run_id, cfg.to_flat(), "config/resolved_config.json", uri=uri)
     if result.checkpoint is None:
         return
-    tracking.log_artifact(run_id, result.checkpoint, "checkpoint", uri=uri)
     with tempfile.TemporaryDirectory() as d:
+        with result.checkpoint.as_directory() as c:  # the best weights, as checkpoint/model.pt
+            shutil.copyfile(Path(c) / result.checkpoint_file, Path(d) / "model.pt")
+        tracking.log_artifact(run_id, Path(d) / "model.pt", "checkpoint", uri=uri)
         p = Path(d) / "best.json"
         p.write_text(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test}, indent=2))
         tracking.log_artifact(run_id, p, "checkpoint", uri=uri)

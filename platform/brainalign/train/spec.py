@@ -66,8 +66,9 @@ class WorkerSpec:
     ----------
     config : TrainConfig
         The resolved run config.
-    emb_path : str
-        The run's image-embedding matrix (``.npy`` in catalog order, in the shared cache).
+    embeddings : ray.ObjectRef
+        The run's image-embedding matrix (float32, catalog order), put in Ray's object store
+        by the driver: any node fetches it, no worker reads a file of the driver's disk.
     n_chans, n_times : int
         Epoch shape of the dataset.
     n_train_rows : int
@@ -77,7 +78,8 @@ class WorkerSpec:
     tracking_uri : str
         MLflow tracking URI.
     save_checkpoint : bool
-        Attach the best weights to the last report.
+        The driver keeps the best weights (every run checkpoints its full state for fault
+        tolerance either way: ``checkpoint_every``).
     cache_shard : bool
         Keep the worker's (small) training shard in memory after the first pass.
     cache_val : bool
@@ -91,7 +93,7 @@ class WorkerSpec:
     """
 
     config: TrainConfig
-    emb_path: str
+    embeddings: Any
     n_chans: int
     n_times: int
     n_train_rows: int
