@@ -715,10 +715,6 @@ def load_study(path: str | Path) -> Study:
         trial_cpus=trial_cpus,
     )
     config = _parse_config(where, doc.get("config", {}))
-    try:
-        TrainConfig.from_flat(dict(config) | {"epochs": max_epochs})
-    except BrainalignError as e:
-        raise BrainalignError(f"{where}: [config] (with max_epochs = {max_epochs}) is invalid: {e}") from None
 
     enc_raw = _need(w, st, "encoders")
     if not isinstance(enc_raw, list) or not enc_raw:
@@ -733,6 +729,10 @@ def load_study(path: str | Path) -> Study:
         encoder_info(ename)  # unknown -> closest match
         if ename in [x.name for x in encoders]:
             raise BrainalignError(f"{w} encoders lists {ename!r} twice.")
+        try:  # [config] with this encoder: its arch.* options are checked against the encoder
+            TrainConfig.from_flat(dict(config) | {"epochs": max_epochs, "encoder": ename})
+        except BrainalignError as e:
+            raise BrainalignError(f"{where}: [config] (with max_epochs = {max_epochs}) is invalid: {e}") from None
         space_path = _searchspace_path(w, p, ename, doc_e.get("searchspace"))
         base = dict(config) | {"epochs": max_epochs}
         encoders.append(EncoderSpec(ename, load_searchspace(space_path, ename, base)))
@@ -832,11 +832,16 @@ def validate_data(study: Study) -> None:
         (with the ``[config]`` architecture options) cannot take the dataset's epochs.
     """
     from ..data.contract import open_dataset, read_table_meta
+    from ..data.prepare import check_normalization
     from ..encoders import create_encoder
 
     ds = open_dataset(study.dataset_path)
     tables = ds.tables()
     _check_contents(study, ds.meta.subjects, tables, f"dataset {ds.root}")
+    try:
+        check_normalization(TrainConfig.from_flat(dict(study.config)).data.normalize, ds.meta.n_times)
+    except BrainalignError as e:
+        raise BrainalignError(f"study {study.name} ({ds.root}): {e}") from None
     dims = {t: int(read_table_meta(tables[t])["dim"]) for p in study.pairs for t in (p.aligned_table, p.base_table)}
     arch_base = {k[5:]: v for k, v in study.config.items() if k.startswith("arch.")}
     for enc in study.encoders:
