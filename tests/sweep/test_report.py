@@ -99,3 +99,21 @@ def test_write_report_files_and_csv_round_trip(tmp_path: Path) -> None:
     assert "<table>" in rep.files["table.html"].read_text()
     doc = json.loads(rep.files["stats.json"].read_text())
     assert doc["context"] == {"study": "unit"} and len(doc["comparisons"]) == 2 and len(doc["runs"]) == 8
+
+
+def test_large_gallery_metrics_are_compared_with_their_chance(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rows = [FinalRow(r.encoder, r.backbone, r.alignment, r.arm, r.subject, r.seed, r.run_id, r.test_top1, r.test_top5,
+                     r.test_n_way, extra={"test_top1_16740way": r.test_top1 / 4, "test_top5_16740way": r.test_top5 / 3})
+            for r in _rows(rng)]
+    rep = write_report(rows, tmp_path / "r", title="gallery")
+    by = {s.metric: s for s in rep.stats}
+    assert list(by) == ["test_top1", "test_top5", "test_top1_16740way", "test_top5_16740way"]
+    big = by["test_top1_16740way"]
+    assert big.chance == pytest.approx(1 / 16740) and by["test_top5_16740way"].chance == pytest.approx(5 / 16740)
+    subj = sorted({r.subject for r in rows})
+    a = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "aligned" and r.subject == s]) for s in subj]
+    b = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "base" and r.subject == s]) for s in subj]
+    assert big.ttest_subjects.p == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert "top-1 (16740-way)" in rep.markdown and "| top-1 |" in rep.markdown  # both n-ways reported
+    assert read_runs_csv(rep.files["runs.csv"].read_text()) == rows

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .report import FinalRow
+from .report import GALLERY_METRIC, FinalRow
 from .study import Arm, Study
 
 __all__ = ["FinalSpec", "final_rows", "plan_finals"]
@@ -89,5 +89,6 @@ def final_rows(specs: list[FinalSpec], records: Mapping[str, Mapping[str, Any]])
             subject=s.subject, seed=s.seed, run_id=str(rec["run_id"]),
             test_top1=float(rec["test_top1"]), test_top5=float(rec["test_top5"]),
             test_n_way=float(rec.get("test_n_way", float("nan"))),
+            extra={k: float(v) for k, v in rec.items() if GALLERY_METRIC.match(k)},
         ))
     return rows

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,16 @@ log = logging.getLogger(__name__)
 METRICS = ("test_top1", "test_top5")
 RUN_COLUMNS = ("encoder", "backbone", "alignment", "arm", "subject", "seed", "run_id", "test_top1", "test_top5",
                "test_n_way")
+#: Large-gallery metrics (``test.gallery = "test+train"``): ``test_top1_16740way`` ...
+GALLERY_METRIC = re.compile(r"^test_top([15])_(\d+)way$")
+
+
+def metric_label(metric: str) -> str:
+    """``test_top1`` -> ``top-1``; ``test_top1_16740way`` -> ``top-1 (16740-way)``."""
+    m = GALLERY_METRIC.match(metric)
+    if m:
+        return f"top-{m.group(1)} ({m.group(2)}-way)"
+    return metric.replace("test_", "").replace("top", "top-")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,14 @@ class FinalRow:
     test_top1: float
     test_top5: float
     test_n_way: float = float("nan")
+    #: other metrics of the run, e.g. the large gallery's ``test_top1_16740way``
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def value(self, metric: str) -> float:
+        """The run's ``metric`` (a field or an ``extra`` metric)."""
+        if metric in self.extra:
+            return float(self.extra[metric])
+        return float(getattr(self, metric))
 
 
 @dataclass(frozen=True)
@@ -171,8 +190,9 @@ def compare(rows: Iterable[FinalRow], metric: str) -> list[ComparisonStats]:
     ----------
     rows : iterable of FinalRow
         Final runs; for each encoder x backbone both arms must cover the same subjects and seeds.
-    metric : {"test_top1", "test_top5"}
-        The metric compared.
+    metric : str
+        The metric compared: ``test_top1``, ``test_top5`` or a large-gallery metric such as
+        ``test_top1_16740way`` (every row must have it).
 
     Returns
     -------
@@ -198,18 +218,22 @@ def compare(rows: Iterable[FinalRow], metric: str) -> list[ComparisonStats]:
         keys = sorted(al)
         subjects = sorted({s for s, _ in keys})
         seeds = sorted({k for _, k in keys})
-        a_runs = [getattr(al[k], metric) for k in keys]
-        b_runs = [getattr(ba[k], metric) for k in keys]
-        a_sub = [float(np.mean([getattr(al[k], metric) for k in keys if k[0] == s])) for s in subjects]
-        b_sub = [float(np.mean([getattr(ba[k], metric) for k in keys if k[0] == s])) for s in subjects]
+        a_runs = [al[k].value(metric) for k in keys]
+        b_runs = [ba[k].value(metric) for k in keys]
+        a_sub = [float(np.mean([al[k].value(metric) for k in keys if k[0] == s])) for s in subjects]
+        b_sub = [float(np.mean([ba[k].value(metric) for k in keys if k[0] == s])) for s in subjects]
         am, ase = mean_sem(a_sub)
         bm, bse = mean_sem(b_sub)
         arm_, ars = mean_sem(a_runs)
         brm, brs = mean_sem(b_runs)
         t_sub, w_sub = paired_tests(a_sub, b_sub)
         t_run, w_run = paired_tests(a_runs, b_runs)
-        n_way = float(np.nanmean([al[k].test_n_way for k in keys])) if keys else float("nan")
-        k_top = 5 if metric.endswith("top5") else 1
+        gm = GALLERY_METRIC.match(metric)
+        if gm:
+            n_way = float(gm.group(2))
+        else:
+            n_way = float(np.nanmean([al[k].test_n_way for k in keys])) if keys else float("nan")
+        k_top = 5 if (gm.group(1) == "5" if gm else metric.endswith("top5")) else 1
         chance = min(k_top, n_way) / n_way if n_way and not math.isnan(n_way) else float("nan")
         notes = []
         for label, test in (("t-test across subjects", t_sub), ("t-test across (subject, seed)", t_run),
@@ -253,7 +277,7 @@ def _table_rows(stats: Sequence[ComparisonStats]) -> tuple[list[str], list[list[
     for s in stats:
         body.append([
             s.encoder, f"{s.backbone} ({s.aligned_alignment} vs {s.base_alignment})",
-            s.metric.replace("test_", "").replace("top", "top-"),
+            metric_label(s.metric),
             _pct(s.base_subject_mean, s.base_subject_sem), _pct(s.aligned_subject_mean, s.aligned_subject_sem),
             _rel(s.relative_improvement), _p(s.ttest_subjects.p), _p(s.ttest_runs.p),
             _p(s.wilcoxon_subjects.p), _p(s.wilcoxon_runs.p), f"{s.n_subjects} × {s.n_seeds}",
@@ -318,7 +342,7 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if any(s.metric == m for s in stats)]
+    metrics = list(dict.fromkeys(s.metric for s in stats))
     n_groups = max(1, len(stats) // max(1, len(metrics)))
     width = 2.2 + 1.3 * n_groups
     fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics) + 0.5, 4), squeeze=False)
@@ -339,7 +363,7 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
                 ax.hlines(100 * s.chance, x[i] - w, x[i] + w, colors="k", linestyles=":", linewidth=1)
         ax.set_xticks(x, [f"{s.encoder}\n{s.backbone}" for s in sel])
         ax.set_xlim(-0.9, len(sel) - 0.1)
-        ax.set_ylabel(f"{metric.replace('test_', 'test ').replace('top', 'top-')} accuracy (%)")
+        ax.set_ylabel(f"test {metric_label(metric)} accuracy (%)")
         ax.set_ylim(0, max([*(b + e for b, e in zip(base, be, strict=True)),
                             *(a + e for a, e in zip(al, ae, strict=True)), 1.0]) * 1.25)
         ax.legend(frameon=False, fontsize=8)
@@ -361,14 +385,23 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def extra_metrics(rows: Sequence[FinalRow]) -> list[str]:
+    """The large-gallery metrics every row has, sorted (``test_top1_16740way`` ...)."""
+    if not rows:
+        return []
+    common = set.intersection(*(set(r.extra) for r in rows))
+    return sorted(m for m in common if GALLERY_METRIC.match(m))
+
+
 def runs_csv(rows: Sequence[FinalRow]) -> str:
-    """The per-run values (one row per final run) as CSV."""
+    """The per-run values (one row per final run) as CSV (large-gallery metrics as extra columns)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RUN_COLUMNS)
+    extra = sorted({m for r in rows for m in r.extra})
+    w.writerow([*RUN_COLUMNS, *extra])
     for r in rows:
         w.writerow([getattr(r, c) if not isinstance(getattr(r, c), float) else repr(getattr(r, c))
-                    for c in RUN_COLUMNS])
+                    for c in RUN_COLUMNS] + [repr(float(r.extra[m])) if m in r.extra else "" for m in extra])
     return buf.getvalue()
 
 
@@ -379,7 +412,8 @@ def read_runs_csv(text: str) -> list[FinalRow]:
         out.append(FinalRow(encoder=d["encoder"], backbone=d["backbone"], alignment=d["alignment"], arm=d["arm"],
                             subject=d["subject"], seed=int(d["seed"]), run_id=d["run_id"],
                             test_top1=float(d["test_top1"]), test_top5=float(d["test_top5"]),
-                            test_n_way=float(d["test_n_way"])))
+                            test_n_way=float(d["test_n_way"]),
+                            extra={k: float(v) for k, v in d.items() if k not in RUN_COLUMNS and v not in ("", None)}))
     return out
 
 
@@ -413,8 +447,10 @@ def write_report(rows: Sequence[FinalRow], out_dir: Path, *, title: str,
     Report
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = [s for m in METRICS for s in compare(rows, m)]
-    stats.sort(key=lambda s: (s.encoder, s.backbone, s.metric))
+    metrics = [*METRICS, *extra_metrics(rows)]
+    stats = [s for m in metrics for s in compare(rows, m)]
+    order = {m: i for i, m in enumerate(metrics)}
+    stats.sort(key=lambda s: (s.encoder, s.backbone, order[s.metric]))
     md = render_markdown(stats, title)
     files = {
         "table.md": out_dir / "table.md",

@@ -179,7 +179,7 @@ def _prepare(study: Study, runs: list[tuple[str, int]]) -> None:
 
 
 def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent: int, verbose: int) -> None:
-    from .search import run_finals_tune
+    from .search import gallery_metrics, run_finals_tune
 
     specs = plan_finals(study, state.searches)
     todo = [s for s in specs if s.key not in state.finals]
@@ -194,7 +194,7 @@ def _run_finals(study: Study, state: _state.StudyState, uri: str, max_concurrent
             kept = _state.reconcile_runs(runs, finished[-1].info.run_id, uri)
             m = finished[-1].data.metrics
             state.finals[s.key] = {"run_id": kept, "test_top1": m["test_top1"], "test_top5": m["test_top5"],
-                                   "test_n_way": m.get("test_n_way", float("nan"))}
+                                   "test_n_way": m.get("test_n_way", float("nan"))} | gallery_metrics(m)
         else:
             for r in runs:
                 log.info("deleting final run %s left by an interrupted attempt", r.info.run_id)

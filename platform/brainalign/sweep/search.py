@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 from collections.abc import Mapping
@@ -186,7 +187,15 @@ def _final_trial(config: dict[str, Any], jobs: dict[str, Any]) -> None:
         "test_n_way": res.test.get("test_n_way", float("nan")),
         "val_top1_best": res.val.get("val_top1_best", float("nan")),
         "best_epoch": res.best_epoch,
-    })
+    } | gallery_metrics(res.test))
+
+
+_GALLERY_METRIC = re.compile(r"^test_top[15]_\d+way$")
+
+
+def gallery_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The subject-mean retrieval metrics of every gallery (``test_top1_16740way`` ...) in ``metrics``."""
+    return {k: float(v) for k, v in metrics.items() if _GALLERY_METRIC.match(k)}
 
 
 def _recorded_final(state_path: Path, key: str) -> dict[str, Any] | None:
@@ -440,4 +449,5 @@ def run_finals_tune(
         elif "run_id" in metrics:
             done[key] = {k: metrics[k] for k in ("run_id", "test_top1", "test_top5", "test_n_way",
                                                   "val_top1_best", "best_epoch") if k in metrics}
+            done[key] |= gallery_metrics(metrics)
     return FinalsOutcome(results=done, failed=failed, interrupted=interrupted)
