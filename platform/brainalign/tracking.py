@@ -17,18 +17,24 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import paths
 
 __all__ = [
+    "RunRecord",
     "code_version",
+    "download_artifacts",
     "end_run",
     "ensure_experiment",
+    "get_run",
+    "list_artifacts",
     "log_artifact",
     "log_dict",
     "log_metrics",
+    "search_runs",
     "start_run",
     "tracking_uri",
 ]
@@ -166,3 +172,108 @@ def log_text(run_id: str, text: str, name: str, uri: str | None = None) -> None:
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     """Mark a run FINISHED, FAILED or KILLED."""
     _client(uri).set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- reading runs back
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished (or running) MLflow run as plain data: what analyses read back.
+
+    Parameters
+    ----------
+    run_id, name, status, experiment_id : str
+        Identity and state (``FINISHED``, ``RUNNING``, ``FAILED``, ``KILLED``).
+    start_time : int
+        Milliseconds since the epoch.
+    tags, params : dict of str to str
+    metrics : dict of str to float
+        Latest value of every metric.
+    """
+
+    run_id: str
+    name: str
+    status: str
+    experiment_id: str
+    start_time: int
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=str(run.info.run_id), name=str(run.info.run_name or ""), status=str(run.info.status),
+        experiment_id=str(run.info.experiment_id), start_time=int(run.info.start_time or 0),
+        tags=dict(run.data.tags), metrics={k: float(v) for k, v in run.data.metrics.items()},
+        params=dict(run.data.params),
+    )
+
+
+def get_run(run_id: str, uri: str | None = None) -> RunRecord:
+    """The run ``run_id``.
+
+    Raises
+    ------
+    BrainalignError
+        No such run in the tracking store (the message names the store).
+    """
+    from ._checks import BrainalignError
+
+    try:
+        return _record(_client(uri).get_run(run_id))
+    except Exception as e:
+        if type(e).__name__ == "MlflowException":
+            raise BrainalignError(
+                f"MLflow run {run_id!r} is not in the tracking store {uri or tracking_uri()} ({e})."
+            ) from None
+        raise
+
+
+def search_runs(experiment: str, tags: Mapping[str, str], uri: str | None = None) -> list[RunRecord]:
+    """Active (not deleted) runs of ``experiment`` whose tags equal ``tags``, oldest first."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return sorted((_record(r) for r in runs), key=lambda r: r.start_time)
+
+
+def list_artifacts(run_id: str, path: str | None = None, uri: str | None = None) -> list[str]:
+    """Artifact paths directly under ``path`` of a run (folders included)."""
+    return [str(a.path) for a in _client(uri).list_artifacts(run_id, path)]
+
+
+def download_artifacts(run_id: str, path: str, dst: Path, uri: str | None = None) -> Path:
+    """Copy the artifact file or folder ``path`` of a run into ``dst``; returns its local path.
+
+    Raises
+    ------
+    BrainalignError
+        The run has no artifact ``path`` (the message lists what it has there).
+    """
+    from ._checks import BrainalignError
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+    except Exception as e:
+        if type(e).__name__ not in ("MlflowException", "OSError", "FileNotFoundError"):
+            raise
+        parent = str(Path(path).parent) if Path(path).parent != Path(".") else None
+        try:
+            have = list_artifacts(run_id, parent, uri)
+        except Exception:
+            have = []
+        raise BrainalignError(
+            f"MLflow run {run_id} has no artifact {path!r} (it has {have or 'nothing'} there): was it "
+            "trained with checkpoints saved and tested (a final run, or brainalign train)?"
+        ) from None
