@@ -386,11 +386,18 @@ def _jsonable(x: Any) -> Any:
 
 
 def extra_metrics(rows: Sequence[FinalRow]) -> list[str]:
-    """The large-gallery metrics every row has, sorted (``test_top1_16740way`` ...)."""
+    """The large-gallery metrics every row has, sorted (``test_top1_16740way`` ...); the test
+    gallery's own ``test_top1_<N>way`` (the same number as ``test_top1``) is left out."""
     if not rows:
         return []
     common = set.intersection(*(set(r.extra) for r in rows))
-    return sorted(m for m in common if GALLERY_METRIC.match(m))
+    n_test = {round(r.test_n_way) for r in rows if not math.isnan(r.test_n_way)}
+    out = []
+    for m in sorted(common):
+        g = GALLERY_METRIC.match(m)
+        if g and int(g.group(2)) not in n_test:
+            out.append(m)
+    return sorted(out, key=lambda m: (int(GALLERY_METRIC.match(m).group(2)), m))  # type: ignore[union-attr]
 
 
 def runs_csv(rows: Sequence[FinalRow]) -> str:

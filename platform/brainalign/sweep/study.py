@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import BrainalignError, suggest
-from ..config import TrainConfig, flatten_toml
+from ..config import DataConfig, TrainConfig, flatten_toml
 from ..paths import resolve
 
 __all__ = [
@@ -839,7 +839,7 @@ def validate_data(study: Study) -> None:
     tables = ds.tables()
     _check_contents(study, ds.meta.subjects, tables, f"dataset {ds.root}")
     try:
-        check_normalization(TrainConfig.from_flat(dict(study.config)).data.normalize, ds.meta.n_times)
+        check_normalization(str(study.config.get("data.normalize", DataConfig().normalize)), ds.meta.n_times)
     except BrainalignError as e:
         raise BrainalignError(f"study {study.name} ({ds.root}): {e}") from None
     dims = {t: int(read_table_meta(tables[t])["dim"]) for p in study.pairs for t in (p.aligned_table, p.base_table)}
