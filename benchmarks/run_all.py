@@ -46,6 +46,7 @@ BENCHES: dict[str, str | None] = {
     "retrieval": "bench_retrieval.py",
     "memory": "bench_memory.py",
     "embed": "bench_embed.py",
+    "explain": "bench_explain.py",
     "gpu": None,
 }
 TITLES = {
@@ -55,6 +56,7 @@ TITLES = {
     "retrieval": "4. Retrieval at scale: chunked ranks vs naive full sort",
     "memory": "5. Memory: Train worker peak RSS, 1 vs 4 subjects",
     "embed": "7. Image embedding: Ray Data pipeline vs sequential loop (issue 4)",
+    "explain": "8. Gradient analysis: `brainalign explain` on a finished mini final (issue 16)",
     "gpu": "6. GPU",
 }
 WHAT = {
@@ -96,6 +98,14 @@ WHAT = {
         "The tables must agree to 1e-4. With a tiny model the sequential loop has 0.7 s of work, which "
         "the pipeline's fixed costs (worker processes, the model actor, task scheduling) dwarf: Ray Data "
         "pays off where decoding and a real backbone (ViT-B, on GPUs) dominate, which no GPU here could measure."
+    ),
+    "explain": (
+        "Wall seconds of `explain_run` on a finished final of the mini study's recipe (NICE x sim-clip:simulated, "
+        "12 epochs, trained through `run_training`): download of its resolved config and checkpoint, model rebuild, "
+        "reload of the subject's 200 test trials, Grad-CAM on NICE's projection layer, integrated gradients "
+        "(32 steps), the temporal/spectral/spatial views and six artifacts logged to the run; against reloading the "
+        "same run and evaluating its test set the same way (interleaved rounds). The goal is absolute (under a "
+        "minute on 2 CPU cores); `stages_s` in the raw figures splits one explain call."
     ),
     "gpu": "Skipped: no GPU is lent to this task; the CPU figures above are the only ones measured.",
 }

@@ -23,6 +23,8 @@ _COMMANDS = (
     "brainalign.cli.encoders",
     "brainalign.cli.embed",
     "brainalign.cli.sweep",
+    "brainalign.cli.grids",
+    "brainalign.cli.explain",
 )
 
 

@@ -1,0 +1,683 @@
+"""Gradient analysis of brain encoders (the paper's Section 5.5, Fig. 4 and App. G).
+
+What is attributed: for a test trial ``x`` (repetition-averaged, normalized as in training)
+and its image's embedding ``e``, the cosine similarity ``s(x) = <c(f(x)), c(e)>`` between the
+brain encoder's output and the target, after the loss's mean-centring and L2 normalization
+``c``. Two methods:
+
+* **Grad-CAM** (Selvaraju et al. 2017), the paper's method: on a layer whose output keeps a
+  time axis (NICE's ``projection``, AlignVis's ``encoder.0.projection.0``), the activations
+  weighted by their time-averaged gradients, summed over filters, positive part, each trial
+  normalized to [0, 1] and linearly interpolated to the input's samples (App. G.1). A
+  ``(trials, n_times)`` map: it has no channel axis (the layer sits after NICE's spatial
+  convolution), so it gives the temporal and spectral views only.
+* **Integrated gradients** (Sundararajan et al. 2017) through Captum, layer-free: the input
+  times the gradient averaged along the straight path from a zero epoch (the per-channel
+  normalized data have mean 0) to ``x``; ``(trials, n_chans, n_times)``, positive part, each
+  trial normalized to [0, 1]. It applies to every registered encoder, including the fMRI MLP
+  (voxels x 1: spatial view only).
+
+Views, per model (one final run), aligned vs base:
+
+* **temporal** (App. G.1): the 99th percentile of a model's attribution values over all its
+  test trials (and channels) is its threshold; the histogram over time of the values above it
+  (``temporal_counts``); summaries: the centre of mass of the attribution over time
+  (``temporal_com_s``) and the share of above-threshold values in 0-200 ms (``early_share``);
+* **spectral** (App. G.2): the periodogram ``|X_k|^2 / N`` of each trial's (and channel's)
+  attribution time course, energy per band (delta 0-4, theta 4-8, alpha 8-12, beta 12-30,
+  gamma > 30 Hz) over the total energy (DC included, as the paper's Eq. 3), averaged over
+  trials (``band_<name>``);
+* **spatial**: the mean attribution per channel (summing to 1), drawn as an MNE topomap on the
+  dataset's montage (``standard_1005`` for EEG, MNE's CTF-275 layout for MEG, the voxel sheet
+  for simulated fMRI); summary: the attribution-weighted mean front-back position
+  (``spatial_y``: lower = more occipital) in the head frame of
+  :func:`brainalign.data.simulate.sensor_layout`.
+
+Statistics: each summary is averaged over a subject's seeds, then aligned vs base is tested
+across subjects (paired t-test) with Holm's step-down correction over the summaries of one
+method (:func:`subject_tests`). The paper tested bands with an unpaired t-test over seeds;
+seeds are not independent samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._checks import BrainalignError, check_option, check_range
+
+__all__ = [
+    "BANDS",
+    "GRADCAM_LAYERS",
+    "METHODS",
+    "Views",
+    "attributions",
+    "explain_model",
+    "explain_run",
+    "explain_study",
+    "gradcam",
+    "integrated_gradients",
+    "subject_tests",
+    "views",
+]
+
+log = logging.getLogger(__name__)
+
+#: EEG frequency bands (Hz) of Section 5.5: [low, high); gamma runs to Nyquist.
+BANDS: tuple[tuple[str, float, float], ...] = (
+    ("delta", 0.0, 4.0),
+    ("theta", 4.0, 8.0),
+    ("alpha", 8.0, 12.0),
+    ("beta", 12.0, 30.0),
+    ("gamma", 30.0, math.inf),
+)
+#: Grad-CAM layer of each encoder whose layer output keeps a time axis in step with the
+#: input: (module path, time dimension of its output). ATM-S maps time through a learned
+#: linear embedding first and the fMRI MLP has no time: integrated gradients only.
+GRADCAM_LAYERS: dict[str, tuple[str, int]] = {
+    "nice": ("projection", -1),  # AlignVis encoder.0.projection.0: (B, 40, 1, patches)
+    "eegnet": ("backbone.conv_separable_point", -1),
+    "eegconformer": ("backbone.patch_embedding.shallownet", -1),
+    "shallowfbcspnet": ("backbone.conv_time_spat", 2),
+}
+METHODS = ("gradcam", "ig")
+#: Seconds after onset counted as "early" (low-level visual processing, Section 5.5).
+EARLY_S = 0.2
+PERCENTILE = 99.0
+
+
+# --------------------------------------------------------------------------- attribution
+class _Similarity(nn.Module):
+    """``x -> <c(f(x)), c(e)>`` per trial: the attributed output (``c`` = centre + L2)."""
+
+    def __init__(self, encoder: nn.Module, subject_aware: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.subject_aware = subject_aware
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, subject_index: torch.Tensor) -> torch.Tensor:
+        from ..losses import center_normalize
+
+        z = self.encoder(x, subject_index) if self.subject_aware else self.encoder(x)
+        return (center_normalize(z.float()) * center_normalize(target.float())).sum(-1)
+
+
+def _normalize_max(a: torch.Tensor) -> torch.Tensor:
+    """Positive part, each trial scaled to max 1 (all-zero trials stay 0)."""
+    a = a.clamp(min=0)
+    peak = a.flatten(1).amax(1).clamp(min=1e-12)
+    return a / peak.view(-1, *([1] * (a.dim() - 1)))
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    mod = model
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def gradcam(
+    model: nn.Module,
+    encoder: str,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    subject_index: torch.Tensor,
+    *,
+    subject_aware: bool = False,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Grad-CAM of the similarity to the target on the encoder's time layer (App. G.1).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The brain encoder, in eval mode.
+    encoder : str
+        Its registry name (a key of :data:`GRADCAM_LAYERS`).
+    x : torch.Tensor
+        ``(N, n_chans, n_times)`` test trials.
+    targets : torch.Tensor
+        ``(N, D)`` each trial's image embedding.
+    subject_index : torch.Tensor
+        ``(N,)`` subject index (used by subject-aware encoders).
+    subject_aware : bool
+        Whether the encoder takes ``subject_index``.
+    batch_size : int
+        Trials per backward pass.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, n_times)`` float32 in [0, 1]: per trial, the positive part of
+        ``sum_f mean_t(grad_f) * act_f`` normalized to its maximum, linearly interpolated from
+        the layer's time steps to the input's samples.
+
+    Raises
+    ------
+    BrainalignError
+        The encoder has no Grad-CAM layer.
+    """
+    from captum.attr import LayerGradCam
+
+    if encoder not in GRADCAM_LAYERS:
+        raise BrainalignError(
+            f"Grad-CAM needs a layer with a time axis; encoder {encoder!r} has none registered "
+            f"(those with one: {sorted(GRADCAM_LAYERS)}). Use method 'ig'."
+        )
+    path, tdim = GRADCAM_LAYERS[encoder]
+    objective = _Similarity(model, subject_aware).eval()
+    cam = LayerGradCam(objective, _module(model, path))
+    n_times = x.shape[-1]
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s : s + batch_size]
+        a = cam.attribute(xb, additional_forward_args=(targets[s : s + batch_size], subject_index[s : s + batch_size]),
+                          relu_attributions=True)  # (B, 1, ...) with the layer's spatial dims
+        a = a.detach().movedim(tdim, -1).flatten(1, -2) if a.dim() > 3 else a.detach()
+        a = a.sum(1) if a.dim() == 3 else a  # (B, steps): sum any remaining non-time dims
+        a = torch.nn.functional.interpolate(a.unsqueeze(1), size=n_times, mode="linear", align_corners=True)
+        out.append(_normalize_max(a[:, 0]))
+    return torch.cat(out).float().cpu().numpy()
+
+
+def integrated_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    subject_index: torch.Tensor,
+    *,
+    subject_aware: bool = False,
+    n_steps: int = 32,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Integrated gradients of the similarity to the target from a zero epoch (Captum).
+
+    Parameters
+    ----------
+    model, x, targets, subject_index, subject_aware
+        As :func:`gradcam`.
+    n_steps : int
+        Riemann steps (Gauss-Legendre, Captum's default) along the path.
+    batch_size : int
+        Trials per call (each expands to ``n_steps`` forward/backward rows).
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, n_chans, n_times)`` float32 in [0, 1]: positive part, per trial normalized to
+        its maximum.
+    """
+    from captum.attr import IntegratedGradients
+
+    check_range("n_steps", n_steps, low=1)
+    ig = IntegratedGradients(_Similarity(model, subject_aware).eval())
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s : s + batch_size]
+        a = ig.attribute(xb, baselines=torch.zeros_like(xb), n_steps=n_steps,
+                         additional_forward_args=(targets[s : s + batch_size], subject_index[s : s + batch_size]),
+                         internal_batch_size=max(batch_size, 1) * min(n_steps, 8))
+        out.append(_normalize_max(a.detach()))
+    return torch.cat(out).float().cpu().numpy()
+
+
+def attributions(
+    run: Any,
+    x: np.ndarray,
+    target_rows: Sequence[int],
+    subject_index: int,
+    methods: Sequence[str] = METHODS,
+    *,
+    ig_steps: int = 32,
+) -> dict[str, np.ndarray]:
+    """Attributions of a trained :class:`~brainalign.train.loop.Run` for test trials.
+
+    Parameters
+    ----------
+    run : train.loop.Run
+        Model (eval mode is set here) and the catalog's image embeddings (``run.image_emb``).
+    x : np.ndarray
+        ``(N, n_chans, n_times)`` test trials.
+    target_rows : sequence of int
+        Catalog row of each trial's image.
+    subject_index : int
+        The trials' subject among the training subjects (-1 unseen).
+    methods : sequence of {"gradcam", "ig"}
+        Methods; ``gradcam`` is skipped (with a log line) for encoders without a time layer.
+    ig_steps : int
+        Integrated-gradients steps.
+
+    Returns
+    -------
+    dict
+        ``method -> array``: ``gradcam`` ``(N, n_times)``, ``ig`` ``(N, n_chans, n_times)``.
+    """
+    for m in methods:
+        check_option("method", m, METHODS)
+    model = run.model.module if hasattr(run.model, "module") else run.model
+    model.eval()
+    dev = run.device
+    xt = torch.from_numpy(np.ascontiguousarray(x)).float().to(dev)
+    tg = run.image_emb[torch.as_tensor(list(target_rows), device=run.image_emb.device)].float().to(dev)
+    si = torch.full((len(xt),), subject_index, dtype=torch.long, device=dev)
+    out: dict[str, np.ndarray] = {}
+    with torch.autocast(dev.type, enabled=False):
+        for m in methods:
+            if m == "gradcam":
+                if run.cfg.encoder not in GRADCAM_LAYERS or x.shape[-1] < 2:
+                    log.info("Grad-CAM skipped: encoder %r has no layer with a time axis", run.cfg.encoder)
+                    continue
+                out[m] = gradcam(model, run.cfg.encoder, xt, tg, si, subject_aware=run.subject_aware)
+            else:
+                out[m] = integrated_gradients(model, xt, tg, si, subject_aware=run.subject_aware, n_steps=ig_steps)
+    return out
+
+
+# --------------------------------------------------------------------------- views
+@dataclass
+class Views:
+    """The three views of one model's attributions (one method).
+
+    Attributes
+    ----------
+    method : str
+    times : np.ndarray
+        ``(n_times,)`` seconds after onset.
+    temporal_counts : np.ndarray
+        ``(n_times,)`` values above the model's 99th percentile, summed over trials (and channels).
+    temporal_mass : np.ndarray
+        ``(n_times,)`` mean attribution over trials (and channels), summing to 1.
+    bands : dict of str to float
+        Normalized periodogram energy per band (sums to 1).
+    channels : np.ndarray or None
+        ``(n_chans,)`` mean attribution per channel, summing to 1 (None for Grad-CAM).
+    summary : dict of str to float
+        ``temporal_com_s``, ``early_share``, ``band_<name>`` and (with channels) ``spatial_y``.
+    """
+
+    method: str
+    times: np.ndarray
+    temporal_counts: np.ndarray
+    temporal_mass: np.ndarray
+    bands: dict[str, float]
+    channels: np.ndarray | None
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def band_energy(a: np.ndarray, sfreq: float) -> dict[str, float]:
+    """Periodogram band shares of time courses ``a`` (``(..., n_times)``), averaged over rows.
+
+    ``S_k = |X_k|^2 / N`` (one-sided, DC included) of every row; each row's band energies are
+    divided by its total energy; the shares are averaged over rows.
+    """
+    n_t = a.shape[-1]
+    rows = a.reshape(-1, n_t).astype(np.float64)
+    power = np.abs(np.fft.rfft(rows, axis=-1)) ** 2 / n_t
+    freqs = np.fft.rfftfreq(n_t, 1.0 / sfreq)
+    total = power.sum(-1, keepdims=True)
+    share = np.divide(power, total, out=np.zeros_like(power), where=total > 0)
+    return {name: float(share[:, (freqs >= lo) & (freqs < hi)].sum(-1).mean()) for name, lo, hi in BANDS}
+
+
+def views(a: np.ndarray, method: str, times: np.ndarray, sfreq: float,
+          positions: np.ndarray | None = None) -> Views:
+    """Temporal, spectral and spatial views of one model's attributions.
+
+    Parameters
+    ----------
+    a : np.ndarray
+        ``(N, n_times)`` (Grad-CAM) or ``(N, n_chans, n_times)`` (IG), non-negative.
+    method : str
+        Recorded in the result.
+    times : np.ndarray
+        ``(n_times,)`` seconds.
+    sfreq : float
+        Sampling rate (Hz); 0 or ``n_times == 1`` (fMRI) leaves the time views empty.
+    positions : np.ndarray, optional
+        ``(n_chans, 2)`` head-frame positions for ``spatial_y``.
+    """
+    per_time = a if a.ndim == 2 else a.mean(1)  # (N, T)
+    thr = np.percentile(a, PERCENTILE)
+    above = (a >= thr) if thr > 0 else (a > 0)
+    counts = above.sum(0) if a.ndim == 2 else above.sum((0, 1))
+    mass = per_time.mean(0)
+    mass = mass / mass.sum() if mass.sum() > 0 else mass
+    summary: dict[str, float] = {}
+    bands: dict[str, float] = {}
+    if len(times) > 1 and sfreq > 0:
+        summary["temporal_com_s"] = float((mass * times).sum())
+        n_above = counts.sum()
+        summary["early_share"] = float(counts[times < EARLY_S].sum() / n_above) if n_above else float("nan")
+        bands = band_energy(a, sfreq)
+        summary |= {f"band_{k}": v for k, v in bands.items()}
+    channels = None
+    if a.ndim == 3:
+        ch = a.mean((0, 2))
+        channels = ch / ch.sum() if ch.sum() > 0 else ch
+        if positions is not None:
+            summary["spatial_y"] = float((channels * positions[:, 1]).sum())
+    return Views(method, np.asarray(times), counts.astype(np.float64), mass, bands, channels, summary)
+
+
+def explain_model(run: Any, x: np.ndarray, target_rows: Sequence[int], subject_index: int, *,
+                  times: np.ndarray, sfreq: float, positions: np.ndarray | None,
+                  methods: Sequence[str] = METHODS, ig_steps: int = 32) -> dict[str, Views]:
+    """:func:`attributions` then :func:`views`, per method."""
+    att = attributions(run, x, target_rows, subject_index, methods, ig_steps=ig_steps)
+    return {m: views(a, m, times, sfreq, positions) for m, a in att.items()}
+
+
+def positions_for(ds: Any) -> np.ndarray | None:
+    """Head-frame positions of a dataset's channels (None where they are unknown)."""
+    from ..data.simulate import sensor_layout, voxel_sheet
+
+    meta = ds.meta
+    if meta.modality == "fmri":
+        if meta.simulated:
+            return voxel_sheet(meta.n_chans)
+        return None
+    try:
+        return sensor_layout(meta.ch_names)
+    except BrainalignError:
+        return None
+
+
+# --------------------------------------------------------------------------- statistics
+def _holm(p: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and is not counted)."""
+    idx = [i for i, v in enumerate(p) if not math.isnan(v)]
+    order = sorted(idx, key=lambda i: p[i])
+    out = [float("nan")] * len(p)
+    running = 0.0
+    m = len(order)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def subject_tests(aligned: Mapping[str, Mapping[str, float]],
+                  base: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Aligned vs base for every measure: paired t-test across subjects, Holm-corrected.
+
+    The one place the gradient analysis does statistics (so it can move to the project's
+    statistics module unchanged in its inputs and outputs).
+
+    Parameters
+    ----------
+    aligned, base : mapping
+        ``subject -> {measure: value}``, each value already averaged over the subject's seeds.
+        Only subjects present in both are paired.
+
+    Returns
+    -------
+    list of dict
+        Per measure: ``measure, n, aligned_mean, base_mean, diff_mean, t, p, p_holm``
+        (``scipy.stats.ttest_rel``, two-sided; Holm over the measures given; NaN with fewer
+        than 2 subjects or zero-variance differences).
+    """
+    from scipy import stats
+
+    subjects = sorted(set(aligned) & set(base))
+    measures = sorted({k for s in subjects for k in aligned[s]} & {k for s in subjects for k in base[s]})
+    rows: list[dict[str, Any]] = []
+    for m in measures:
+        a = np.array([aligned[s].get(m, np.nan) for s in subjects], float)
+        b = np.array([base[s].get(m, np.nan) for s in subjects], float)
+        ok = np.isfinite(a) & np.isfinite(b)
+        a, b = a[ok], b[ok]
+        t = p = float("nan")
+        if len(a) >= 2 and np.ptp(a - b) > 1e-15:
+            res = stats.ttest_rel(a, b)
+            t, p = float(res.statistic), float(res.pvalue)
+        rows.append({"measure": m, "n": int(len(a)), "aligned_mean": float(a.mean()) if len(a) else float("nan"),
+                     "base_mean": float(b.mean()) if len(b) else float("nan"),
+                     "diff_mean": float((a - b).mean()) if len(a) else float("nan"), "t": t, "p": p})
+    for r, ph in zip(rows, _holm([r["p"] for r in rows]), strict=True):
+        r["p_holm"] = ph
+    return rows
+
+
+# --------------------------------------------------------------------------- runs and studies
+@dataclass
+class RunExplanation:
+    """A finished run's attribution views and its identity."""
+
+    run_id: str
+    encoder: str
+    table: str
+    arm: str
+    subject: str
+    seed: int
+    modality: str
+    sfreq: float
+    ch_names: tuple[str, ...]
+    simulated: bool
+    views: dict[str, Views]
+    seconds: float = 0.0
+
+
+def _views_tables(views_: Mapping[str, Views]) -> dict[str, str]:
+    """CSV texts: ``temporal.csv`` (per time), ``bands.csv``, ``channels.csv``."""
+    out: dict[str, str] = {}
+    any_v = next(iter(views_.values()))
+    if len(any_v.times) > 1:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        cols = [f"{m}_{k}" for m in views_ for k in ("count", "mass")]
+        w.writerow(["time_s", *cols])
+        for i, t in enumerate(any_v.times):
+            w.writerow([f"{t:.4f}", *[f"{getattr(v, 'temporal_' + ('counts' if k == 'count' else 'mass'))[i]:.6g}"
+                                       for v in views_.values() for k in ("count", "mass")]])
+        out["temporal.csv"] = buf.getvalue()
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["method", *[b[0] for b in BANDS]])
+        for m, v in views_.items():
+            w.writerow([m, *[f"{v.bands[b[0]]:.6g}" for b in BANDS]])
+        out["bands.csv"] = buf.getvalue()
+    chans = {m: v.channels for m, v in views_.items() if v.channels is not None}
+    if chans:
+        out["channels.csv"] = ""  # filled by the caller, which knows the names
+    return out
+
+
+def explain_run(run_id: str, *, methods: Sequence[str] = METHODS, ig_steps: int = 32,
+                workdir: Path | None = None, log_artifacts: bool = True,
+                uri: str | None = None) -> RunExplanation:
+    """Attributions of a finished run's test trials; tables logged to the run (``explain/``).
+
+    Loads ``config/resolved_config.json`` and ``checkpoint/model.pt`` (``weights_only=True``),
+    reloads the test data of the run's subject from its dataset, computes ``methods`` and the
+    three views, and logs ``explain/summary.json``, ``explain/temporal.csv``,
+    ``explain/bands.csv`` and ``explain/channels.csv`` to the run.
+
+    Raises
+    ------
+    BrainalignError
+        The run is not finished, lacks its artifacts, or its dataset is gone.
+    """
+    from .. import tracking
+    from ._runs import load_model, open_run
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        fr = open_run(run_id, workdir or Path(tmp), uri)
+        lm = load_model(fr)
+    meta = lm.ds.meta
+    times = meta.tmin + np.arange(meta.n_times) / meta.sfreq if meta.sfreq > 0 else np.full(1, meta.tmin)
+    v = explain_model(lm.run, lm.test_x, lm.test_rows, lm.subject_index, times=times, sfreq=meta.sfreq,
+                      positions=positions_for(lm.ds), methods=methods, ig_steps=ig_steps)
+    out = RunExplanation(run_id=run_id, encoder=fr.cfg.encoder, table=fr.cfg.data.image_table, arm=fr.arm,
+                         subject=fr.subject, seed=fr.seed, modality=meta.modality, sfreq=meta.sfreq,
+                         ch_names=tuple(meta.ch_names), simulated=bool(meta.simulated), views=v,
+                         seconds=time.perf_counter() - t0)
+    if log_artifacts and v:
+        tables = _views_tables(v)
+        if "channels.csv" in tables:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            ms = [m for m in v if v[m].channels is not None]
+            w.writerow(["channel", *ms])
+            for i, name in enumerate(meta.ch_names):
+                w.writerow([name, *[f"{v[m].channels[i]:.6g}" for m in ms]])  # type: ignore[index]
+            tables["channels.csv"] = buf.getvalue()
+        for name, text in tables.items():
+            tracking.log_text(run_id, text, f"explain/{name}", uri=uri)
+        tracking.log_dict(run_id, {"methods": list(v), "ig_steps": ig_steps, "n_trials": len(lm.test_ids),
+                                   "summary": {m: vv.summary for m, vv in v.items()}},
+                          "explain/summary.json", uri=uri)
+    log.info("explained run %s (%s) in %.1f s", run_id, fr.label, out.seconds)
+    return out
+
+
+def _by_subject(runs: Sequence[RunExplanation], method: str, arm: str) -> dict[str, dict[str, float]]:
+    """``subject -> {measure: seed-averaged value}`` of one arm and method."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        if r.arm != arm or method not in r.views:
+            continue
+        for k, val in r.views[method].summary.items():
+            acc.setdefault(r.subject, {}).setdefault(k, []).append(val)
+    return {s: {k: float(np.nanmean(v)) for k, v in d.items()} for s, d in acc.items()}
+
+
+@dataclass
+class StudyExplanation:
+    """What :func:`explain_study` produced."""
+
+    study: str
+    runs: list[RunExplanation]
+    stats: dict[str, list[dict[str, Any]]]  # method -> subject_tests rows, per encoder x backbone
+    files: dict[str, Path]
+    markdown: str
+    seconds: float
+
+
+def explain_study(name: str, *, methods: Sequence[str] = METHODS, ig_steps: int = 32,
+                  out_dir: Path | None = None, uri: str | None = None) -> StudyExplanation:
+    """Explain every final of a finished study, compare the arms, log and write the results.
+
+    Per final: :func:`explain_run` (tables logged to the final). Per study: the figures
+    ``temporal.png``, ``spectral.png``, ``spatial.png``, the tables ``stats.csv`` (subject-level
+    tests), ``runs.csv`` (every run's summaries) and ``explain.md``, written to
+    ``$BRAINALIGN_HOME/reports/<study>/explain/`` (or ``out_dir``) and logged to the study's
+    report run under ``explain/``; ``explain.md`` is appended to the report's ``table.md``.
+
+    Raises
+    ------
+    BrainalignError
+        No finished study of that name, or its runs cannot be reloaded.
+    """
+    from .. import paths, tracking
+    from ._runs import study_runs
+
+    t0 = time.perf_counter()
+    sr = study_runs(name, uri)
+    runs = [explain_run(r.run_id, methods=methods, ig_steps=ig_steps, uri=uri) for r in sr.finals]
+    out = out_dir or (paths.home() / "reports" / name / "explain")
+    out.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, list[dict[str, Any]]] = {}
+    groups = sorted({(r.encoder, r.table.split(":")[0]) for r in runs})
+    for enc, bb in groups:
+        sel = [r for r in runs if r.encoder == enc and r.table.split(":")[0] == bb]
+        for m in methods:
+            al, ba = _by_subject(sel, m, "aligned"), _by_subject(sel, m, "base")
+            if al and ba:
+                stats[f"{enc} x {bb} / {m}"] = subject_tests(al, ba)
+    files = _write_study_outputs(name, runs, stats, out)
+    md = files.pop("_markdown").read_text()
+    for f in files.values():
+        tracking.log_artifact(sr.report.run_id, f, "explain", uri=uri)
+    report_md = paths.home() / "reports" / name / "table.md"
+    _append_section(report_md, md, "explain/")
+    if report_md.is_file():
+        tracking.log_artifact(sr.report.run_id, report_md, "report", uri=uri)
+    return StudyExplanation(name, runs, stats, files, md, time.perf_counter() - t0)
+
+
+_MARK = "<!-- brainalign explain -->"
+
+
+def _append_section(report_md: Path, md: str, rel: str) -> None:
+    """Replace (or add) the gradient-analysis section at the end of a report's ``table.md``."""
+    if not report_md.is_file():
+        return
+    text = report_md.read_text()
+    text = text.split(_MARK)[0].rstrip() + "\n\n" + _MARK + "\n" + md.replace("](", f"]({rel}")
+    report_md.write_text(text)
+
+
+def _fmt(v: float, pct: bool = False) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    return f"{100 * v:.1f}" if pct else f"{v:.3g}"
+
+
+def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mapping[str, list[dict[str, Any]]],
+                         out: Path) -> dict[str, Path]:
+    from . import _figures
+
+    files: dict[str, Path] = {}
+    # every run's summaries
+    keys = sorted({k for r in runs for v in r.views.values() for k in v.summary})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run_id", "encoder", "table", "arm", "subject", "seed", "method", *keys])
+    for r in runs:
+        for m, v in r.views.items():
+            w.writerow([r.run_id, r.encoder, r.table, r.arm, r.subject, r.seed, m,
+                        *[repr(v.summary[k]) if k in v.summary else "" for k in keys]])
+    files["runs.csv"] = out / "runs.csv"
+    files["runs.csv"].write_text(buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["comparison", "measure", "n_subjects", "aligned_mean", "base_mean", "diff_mean", "t", "p", "p_holm"])
+    for comp, rows in stats.items():
+        for r in rows:
+            w.writerow([comp, r["measure"], r["n"], repr(r["aligned_mean"]), repr(r["base_mean"]),
+                        repr(r["diff_mean"]), repr(r["t"]), repr(r["p"]), repr(r["p_holm"])])
+    files["stats.csv"] = out / "stats.csv"
+    files["stats.csv"].write_text(buf.getvalue())
+    files["stats.json"] = out / "stats.json"
+    files["stats.json"].write_text(json.dumps({"study": name, "stats": stats, "runs": [
+        {k: v for k, v in asdict(r).items() if k != "views"} | {"summary": {m: vv.summary for m, vv in r.views.items()}}
+        for r in runs]}, indent=2, default=float))
+    figs = _figures.study_figures(runs, stats, out)
+    files |= figs
+    # markdown section
+    lines = [f"## Gradient analysis (study {name})", "",
+             "Attributions of each final model's similarity to the target image embedding, per test trial "
+             "(Section 5.5 / App. G). Means over subjects of seed-averaged values; p: paired t-test across "
+             "subjects, Holm-corrected over the measures of one method (`p_holm`).", ""]
+    for fig in ("temporal.png", "spectral.png", "spatial.png"):
+        if fig in figs:
+            lines.append(f"![{fig[:-4]}]({fig})")
+    lines.append("")
+    labels = {"temporal_com_s": "temporal centre of mass (s)", "early_share": "share above p99 in 0-200 ms",
+              "spatial_y": "spatial centre (y; lower = occipital)"}
+    for comp, rows in stats.items():
+        lines += [f"### {comp}", "", "| measure | n | aligned | base | aligned − base | t | p | p (Holm) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lab = labels.get(r["measure"], r["measure"].replace("band_", "band energy: "))
+            lines.append(f"| {lab} | {r['n']} | {_fmt(r['aligned_mean'])} | {_fmt(r['base_mean'])} | "
+                         f"{_fmt(r['diff_mean'])} | {_fmt(r['t'])} | {_fmt(r['p'])} | {_fmt(r['p_holm'])} |")
+        lines.append("")
+    files["explain.md"] = out / "explain.md"
+    files["explain.md"].write_text("\n".join(lines) + "\n")
+    files["_markdown"] = files["explain.md"]
+    return files

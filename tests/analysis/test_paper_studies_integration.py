@@ -1,0 +1,135 @@
+"""The MEG and fMRI study files end to end at smoke size, then image grids and explain on them.
+
+Each study of ``jobs/`` runs through the real sweep (Ray Tune + Optuna + Ray Train + MLflow) with
+1 subject, 1 search trial of 1 epoch and 1 final seed per arm, on a shrunken simulation of its
+preset (same sensors / voxel model and design, fewer images). The MEG study asks for the
+test+train gallery; the report must carry both n-ways. Then ``brainalign grids`` and
+``brainalign explain`` run on the finished study through their CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = {
+    "meg_study.toml": ("meg-mini", "{ n_subjects = 1, n_train_concepts = 12, n_test_concepts = 10 }"),
+    "fmri_study.toml": ("fmri-mini", "{ n_subjects = 1, n_train_concepts = 40, n_test_concepts = 20, n_voxels = 200 }"),
+}
+
+
+def smoke_study(name: str, home: Path) -> Path:
+    """``jobs/<name>`` at smoke size: the same [config] and design, 1 subject x 1 trial x 1 epoch x 1 seed."""
+    preset, overrides = SMOKE[name]
+    text = (REPO / "jobs" / name).read_text()
+    subs = {
+        "dataset": f'"{home / ("data-" + preset)}"',
+        "simulate": f'{{ preset = "{preset}", seed = 0, overrides = {overrides} }}',
+        "subjects": '["01"]', "trials": "1", "max_epochs": "1", "grace_period": "1", "final_seeds": "1",
+    }
+    for key, value in subs.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+        assert n == 1, key
+    enc = re.search(r'^encoders = \["(\w+)"\]', text, flags=re.M)
+    assert enc, "the study names one encoder"
+    space = REPO / "searchspaces" / f"{enc.group(1)}.toml"
+    text = text.replace(enc.group(0), f'encoders = [{{ name = "{enc.group(1)}", searchspace = "{space}" }}]')
+    out = home / name
+    out.write_text(text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def studies(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from brainalign.sweep import load_study, run_study
+
+    home = tmp_path_factory.mktemp("paper-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINALIGN_HOME", str(home))
+        for var in ("MLFLOW_TRACKING_URI", "BRAINALIGN_CACHE", "BRAINALIGN_RAY_STORAGE"):
+            mp.delenv(var, raising=False)
+        out = {}
+        for name in SMOKE:
+            study = load_study(smoke_study(name, home))
+            out[name] = SimpleNamespace(study=study, outcome=run_study(study, verbose=0))
+        yield SimpleNamespace(home=home, **{k.split("_")[0]: v for k, v in out.items()})
+
+
+@pytest.fixture
+def home(studies: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BRAINALIGN_HOME", str(studies.home))
+    return Path(studies.home)
+
+
+def _artifacts(run_id: str, path: str) -> set[str]:
+    from brainalign import tracking
+
+    return {Path(p).name for p in tracking.list_artifacts(run_id, path)}
+
+
+def test_meg_study_reports_both_n_ways(studies: Any, home: Path) -> None:
+    from brainalign import tracking
+
+    rep = studies.meg.outcome.report
+    n_gallery = 10 + 12 * 12  # the test images and every training image of the smoke simulation
+    assert [s.metric for s in rep.stats] == ["test_top1", "test_top5", f"test_top1_{n_gallery}way",
+                                             f"test_top5_{n_gallery}way"]
+    assert "top-1 (154-way)" in rep.markdown
+    for s in rep.stats:
+        assert 0 <= s.aligned_subject_mean <= 1 and s.chance == pytest.approx(
+            (5 if "top5" in s.metric else 1) / (n_gallery if "way" in s.metric else 10))
+    finals = [r for r in tracking.search_runs("meg-mini", {"role": "final"}) if r.status == "FINISHED"]
+    assert len(finals) == 2
+    for f in finals:
+        assert f.metrics["test_n_way"] == 10 and f"test_top1_{n_gallery}way" in f.metrics
+        assert f.metrics["test_top1_10way"] == f.metrics["test_top1"]
+        assert _artifacts(f.run_id, "retrieval") == {"test_rankings.csv", f"test_rankings_{n_gallery}way.csv"}
+
+
+def test_fmri_study_is_1000_way_shaped(studies: Any, home: Path) -> None:
+    rep = studies.fmri.outcome.report
+    assert [s.metric for s in rep.stats] == ["test_top1", "test_top5"]
+    assert all(s.chance == pytest.approx((5 if "top5" in s.metric else 1) / 20) for s in rep.stats)
+    assert (home / "reports" / "fmri-mini" / "table.md").is_file()
+
+
+def test_grids_from_the_finished_study(studies: Any, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from brainalign.cli import main
+
+    assert main(["grids", "--study", "meg-mini", "--random", "2", "--query-seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "test gallery (10-way)" in out and "test+train gallery (154-way)" in out
+    files = {p.name for p in (home / "reports" / "meg-mini" / "grids").iterdir()}
+    assert files == {"grids_test.png", "grids_test+train.png"}
+    report_run = studies.meg.outcome.parent_run_id
+    assert _artifacts(report_run, "grids") == files
+    assert main(["grids", "--study", "meg-mini", "--queries", "te99999"]) == 2  # a clear error, no traceback
+    assert "not test images of both runs" in capsys.readouterr().err
+
+
+def test_explain_the_finished_studies(studies: Any, home: Path) -> None:
+    from brainalign import tracking
+    from brainalign.analysis.explain import explain_study
+
+    res = explain_study("meg-mini", ig_steps=4)
+    assert {r.arm for r in res.runs} == {"aligned", "base"} and all(set(r.views) == {"gradcam", "ig"} for r in res.runs)
+    for r in res.runs:
+        v = r.views["ig"]
+        assert v.channels is not None and len(v.channels) == 271 and len(v.times) == 101
+        assert "explain/summary.json" in {p for p in tracking.list_artifacts(r.run_id, "explain")}
+    names = {"temporal.png", "spectral.png", "spatial.png", "stats.csv", "stats.json", "runs.csv", "explain.md"}
+    assert set(res.files) == names and _artifacts(studies.meg.outcome.parent_run_id, "explain") == names
+    assert set(res.stats) == {"nice x sim-clip / gradcam", "nice x sim-clip / ig"}
+    assert all(r["n"] == 1 for rows_ in res.stats.values() for r in rows_)  # one subject: no test, n = 1
+    table = (home / "reports" / "meg-mini" / "table.md").read_text()
+    assert "## Gradient analysis" in table and "](explain/temporal.png)" in table
+    fm = explain_study("fmri-mini", methods=["ig"], ig_steps=4)  # voxels: spatial view only
+    assert set(fm.files) >= {"spatial.png", "stats.csv"} and "temporal.png" not in fm.files
