@@ -158,3 +158,45 @@ def test_chunked_topk_lists_in_rank_order_with_true_scores() -> None:
         if ranks[i] <= 5 and target != 5:  # without exact twins: the target sits at its rank
             assert idx[i].tolist().index(target) + 1 == ranks[i]
     assert idx[0].tolist().index(33) < idx[0].tolist().index(5)  # its twin ties and comes first
+
+
+def test_gallery_loss_is_the_full_batch_loss_in_chunks() -> None:
+    """Chunked over rows, the loss equals forward() on all rows at once (duplicates masked)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 8, 0, 10, 11, 3])  # repeated images: 0, 2, 3
+    b, i = torch.randn(13, 6, generator=g), torch.randn(13, 6, generator=g)
+    i[7], i[9], i[12] = i[2], i[0], i[3]
+    loss = SymmetricInfoNCE(0.1)
+    full = loss(b, i, ids).item()
+    for chunk in (1, 4, 5, 13, 100):
+        assert loss.gallery_loss(b, i, ids, chunk_size=chunk).item() == pytest.approx(full, rel=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss.gallery_loss(torch.randn(4, 3), torch.randn(4, 2), torch.arange(4))
+
+
+def test_learned_temperature_gradient_survives_the_cap() -> None:
+    """At the cap (T = 0.01) the temperature still has a gradient; a step past it is
+    projected back by clamp_()."""
+    from brainalign.losses import MAX_LOGIT_SCALE
+
+    loss = SymmetricInfoNCE(1.0 / MAX_LOGIT_SCALE, learn_temperature=True)
+    with torch.no_grad():
+        loss.logit_scale.fill_(math.log(MAX_LOGIT_SCALE) + 0.5)  # as if a step had overshot
+    loss.clamp_()
+    assert loss.logit_scale.item() == pytest.approx(math.log(MAX_LOGIT_SCALE))
+    assert loss.temperature == pytest.approx(0.01, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    loss(torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)).backward()
+    grad = loss.logit_scale.grad
+    assert grad is not None and torch.isfinite(grad) and grad.abs().item() > 1e-4
+    # what the old forward clamp, exp(logit_scale).clamp(max=100), gave just past the cap
+    p = torch.tensor(math.log(MAX_LOGIT_SCALE) + 1e-3, requires_grad=True)
+    p.exp().clamp(max=MAX_LOGIT_SCALE).backward()
+    assert p.grad.item() == 0.0
+    # a learned temperature must start inside the cap; a fixed one is used exactly as given
+    with pytest.raises(ValueError, match="must be in"):
+        SymmetricInfoNCE(0.005, learn_temperature=True)
+    assert SymmetricInfoNCE(0.005).temperature == pytest.approx(0.005)
+    fixed = SymmetricInfoNCE(0.04)
+    fixed.clamp_()
+    assert fixed.temperature == pytest.approx(0.04)

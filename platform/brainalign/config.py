@@ -26,6 +26,9 @@ __all__ = ["DataConfig", "EvaluationConfig", "TrainConfig", "load_config", "pars
 TRIAL_MODES = ("average", "single")
 NORMALIZATIONS = ("none", "center_l2", "alignvis")
 SELECT_METRICS = ("val_loss", "val_top1")
+VAL_SPLITS = ("image", "concept")
+#: Cap of a learned logit scale ``1/T`` (CLIP's 100): a learned temperature stays >= 0.01.
+MAX_LOGIT_SCALE = 100.0
 #: Image sets a test query can be ranked among (``test.gallery``).
 GALLERIES = ("test", "test+train")
 
@@ -41,6 +44,10 @@ class DataConfig:
     ``normalize="center_l2"`` makes each repetition and channel zero-mean and unit-norm over
     time before averaging; ``"alignvis"`` is the reference's exact formula, which divides the
     centred series by the norm of the *uncentred* one (see ``data.prepare.normalize_epochs``).
+    ``val_split`` says what the seeded ``val_fraction`` holds out of training: ``"image"``
+    (images; a validation image's concept still has other images in training) or
+    ``"concept"`` (whole concepts: every image of a validation concept goes to validation, so
+    validation concepts are novel, as test concepts are).
     """
 
     path: str = "data/sim-mini"
@@ -51,9 +58,11 @@ class DataConfig:
     train_trials: str = "average"
     normalize: str = "center_l2"
     val_fraction: float = 0.1
+    val_split: str = "image"
 
     def __post_init__(self) -> None:
         check_option("data.train_trials", self.train_trials, TRIAL_MODES)
+        check_option("data.val_split", self.val_split, VAL_SPLITS)
         check_option("data.normalize", self.normalize, NORMALIZATIONS)
         check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.5, low_inclusive=False)
         if not self.subjects:
@@ -147,6 +156,9 @@ class TrainConfig:
         check_range("weight_decay", self.weight_decay, low=0.0)
         check_range("grad_clip", self.grad_clip, low=0.0)
         check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
+        if self.learn_temperature:  # a learned T is kept >= 1 / MAX_LOGIT_SCALE (losses.py)
+            check_range("temperature (initial value of a learned temperature)", self.temperature,
+                        low=1.0 / MAX_LOGIT_SCALE)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
         check_range("torch_threads", self.torch_threads, low=0)
         check_option("select_metric", self.select_metric, SELECT_METRICS)

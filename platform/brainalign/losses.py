@@ -4,6 +4,14 @@ Both brain and image embeddings are mean-centred across the feature dimension an
 L2-normalized (as AlignVis does) before the cosine logits are scaled by ``1 / temperature``.
 The temperature is either fixed (a buffer) or learned (a parameter that
 :func:`brainalign.train.loop.build_run` puts in the optimizer): never ambiguous.
+
+A learned temperature is kept at ``T >= 1 / MAX_LOGIT_SCALE`` (0.01, as CLIP) by clamping the
+PARAMETER ``logit_scale = log(1/T)`` in place after every optimizer step
+(:meth:`SymmetricInfoNCE.clamp_`, registered by ``build_run`` as an optimizer step hook; the
+open_clip recipe). The forward pass never clamps, so the gradient with respect to the
+temperature is the same at the cap as anywhere else and the optimizer can always move it back
+down; clamping ``exp(logit_scale)`` in the forward instead would zero that gradient as soon as
+the parameter crossed the cap, leaving the temperature stuck there.
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_range
+from .config import MAX_LOGIT_SCALE
 
-__all__ = ["SymmetricInfoNCE", "center_normalize"]
+__all__ = ["MAX_LOGIT_SCALE", "SymmetricInfoNCE", "center_normalize"]
 
 
 def center_normalize(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -33,13 +42,17 @@ class SymmetricInfoNCE(nn.Module):
     temperature : float
         Initial (or fixed) temperature ``T > 0``.
     learn_temperature : bool
-        If True, ``log(1/T)`` is an ``nn.Parameter`` (clamped to ``T >= 0.01``) that must be
-        optimized; if False it is a buffer and never changes.
+        If True, ``log(1/T)`` is an ``nn.Parameter`` that must be optimized and is kept at
+        ``T >= 1 / MAX_LOGIT_SCALE`` by :meth:`clamp_` after each step (the initial ``T``
+        must then respect the cap); if False it is a buffer, used exactly as given, and
+        never changes.
     """
 
     def __init__(self, temperature: float = 0.04, learn_temperature: bool = False) -> None:
         super().__init__()
         check_range("temperature", temperature, low=0.0, low_inclusive=False)
+        if learn_temperature:
+            check_range("temperature (learned, initial)", temperature, low=1.0 / MAX_LOGIT_SCALE)
         init = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
         self.learn_temperature = learn_temperature
         if learn_temperature:
@@ -52,8 +65,18 @@ class SymmetricInfoNCE(nn.Module):
         return float(1.0 / self.scale().item())
 
     def scale(self) -> torch.Tensor:
-        # Cap the scale at 100 (T >= 0.01), as CLIP does, so a learned T cannot collapse.
-        return self.logit_scale.exp().clamp(max=100.0)
+        """``1/T`` as a tensor. Not clamped here: the cap is on the parameter (:meth:`clamp_`)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project a learned ``logit_scale`` back to ``<= log(MAX_LOGIT_SCALE)`` (in place).
+
+        Called after every optimizer step (``build_run`` registers it as a step hook), so
+        the forward pass always sees ``T >= 0.01`` while the gradient is never cut.
+        """
+        if self.learn_temperature:
+            self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
     def logits(self, brain: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Scaled cosine logits ``(B_brain, B_image)`` after centring and normalizing."""
@@ -81,3 +104,48 @@ class SymmetricInfoNCE(nn.Module):
             if bool(same.any()):
                 logits = logits.masked_fill(same, float("-inf"))
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    def gallery_loss(
+        self, brain: torch.Tensor, image: torch.Tensor, image_ids: torch.Tensor, chunk_size: int = 1024
+    ) -> torch.Tensor:
+        """The loss of :meth:`forward` over ALL rows at once, in row chunks of ``chunk_size``.
+
+        Every row is a negative of every other (repeated images masked out as in
+        :meth:`forward`), so the value is that of one batch holding the whole set; only the
+        memory is bounded, ``O(chunk_size x N)`` instead of ``O(N^2)``: each chunk of rows
+        gives those rows' log-sum-exp and adds to a running log-sum-exp of every column.
+
+        Parameters
+        ----------
+        brain, image : torch.Tensor
+            ``(N, D)`` paired embeddings (not normalized).
+        image_ids : torch.Tensor
+            ``(N,)`` image of each row.
+        chunk_size : int
+            Rows per chunk (memory only; the value does not depend on it beyond rounding).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
+        if brain.shape != image.shape:
+            raise ValueError(f"brain {tuple(brain.shape)} and image {tuple(image.shape)} embeddings differ in shape.")
+        b = center_normalize(brain.float())
+        i = center_normalize(image.float())
+        ids = image_ids.view(-1).to(b.device)
+        scale = self.scale()
+        n = b.shape[0]
+        row_lse, positives = [], []
+        col_lse = torch.full((n,), float("-inf"), device=b.device)
+        for s in range(0, n, chunk_size):
+            lg = scale * b[s : s + chunk_size] @ i.T  # (c, N): rows s.., every column
+            own = torch.arange(lg.shape[0], device=b.device)
+            positives.append(lg[own, s + own])
+            same = ids[s : s + chunk_size, None] == ids[None, :]
+            same[own, s + own] = False
+            lg = lg.masked_fill(same, float("-inf"))
+            row_lse.append(torch.logsumexp(lg, dim=1))
+            col_lse = torch.logsumexp(torch.stack([col_lse, torch.logsumexp(lg, dim=0)]), dim=0)
+        pos = torch.cat(positives)
+        return 0.5 * ((torch.cat(row_lse) - pos).mean() + (col_lse - pos).mean())

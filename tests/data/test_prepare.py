@@ -7,7 +7,7 @@ import pytest
 from brainalign import BrainalignError, TrainConfig
 from brainalign.config import DataConfig
 from brainalign.data.contract import open_dataset
-from brainalign.data.prepare import load_test, normalize_epochs, prepare, split_images
+from brainalign.data.prepare import load_test, normalize_epochs, prepare, split_concepts, split_images
 from brainalign.testing import write_toy_dataset
 
 
@@ -79,3 +79,53 @@ def test_test_split_is_averaged_in_catalog_order(toy: Path) -> None:
     np.testing.assert_allclose(x[0], raw[[i for i, j in enumerate(raw_ids) if j == ids[0]]].mean(0), atol=1e-5)
     with pytest.raises(BrainalignError, match=r"test subject \['07'\] not in dataset"):
         load_test(_cfg(toy), "07")
+
+
+def test_concept_split_holds_out_whole_concepts(toy: Path) -> None:
+    """val_split='concept': every image of a validation concept is in validation (for every
+    subject), no validation concept keeps an image in training; the cache key includes the
+    mode; the default stays the image split."""
+    ds = open_dataset(toy)
+    cat = ds.catalog
+    concept_of = dict(zip(cat.column("image_id").to_pylist(), cat.column("concept").to_pylist(), strict=True))
+    p = prepare(_cfg(toy, subjects=("01", "02"), val_split="concept", val_fraction=0.2))
+    assert p.val_split == "concept"
+    val_concepts = {concept_of[i] for i in p.val_images}
+    assert len(val_concepts) == 2  # round(0.2 x 10 concepts)
+    assert set(p.val_images) == {i for i, c in concept_of.items() if c in val_concepts}
+    assert len(p.val_images) == 8  # 2 concepts x 4 images
+    names = ds.image_ids()
+    ti, _ts, _tx = _rows(p.train_dir)
+    vi, vs, _vx = _rows(p.val_dir)
+    assert not val_concepts & {concept_of[names[i]] for i in ti}
+    assert {names[i] for i in vi[vs == 0]} == {names[i] for i in vi[vs == 1]} == set(p.val_images)
+    # seeded, and a different cache entry than the image split of the same config
+    again = prepare(_cfg(toy, subjects=("01", "02"), val_split="concept", val_fraction=0.2))
+    assert again.root == p.root and again.val_images == p.val_images
+    img = prepare(_cfg(toy, subjects=("01", "02"), val_fraction=0.2))
+    assert img.root != p.root and img.val_split == "image"
+    assert list(img.val_images) == split_images(ds.image_ids("train"), 0.2, 42)[1]  # today's split, unchanged
+    # an image split leaves most validation concepts with images in training
+    assert {concept_of[i] for i in img.val_images} & {concept_of[names[i]] for i in _rows(img.train_dir)[0]}
+
+
+def test_concept_split_refuses_a_dataset_without_concepts(tmp_path: Path) -> None:
+    # one image per concept (as NSD, whose concept is the image id): no concept information
+    root = write_toy_dataset(tmp_path / "flat", n_train_concepts=12, images_per_concept=1, n_test=3)
+    with pytest.raises(BrainalignError, match="no concept information.*data.val_split='image'"):
+        prepare(_cfg(root, val_split="concept"))
+    assert prepare(_cfg(root)).n_val_rows > 0  # the image split still works
+    with pytest.raises(BrainalignError, match="at least 2 training concepts"):
+        split_concepts(["a", "b"], ["c", "c"], 0.5, 0)
+    with pytest.raises(BrainalignError, match=r"Invalid data.val_split 'concepts'.*Did you mean 'concept'"):
+        DataConfig(val_split="concepts")
+
+
+def test_split_concepts_is_seeded_and_disjoint() -> None:
+    ids = [f"i{k}" for k in range(60)]
+    concepts = [f"c{k // 3}" for k in range(60)]  # 20 concepts x 3 images
+    tr, va = split_concepts(ids, concepts, 0.1, seed=1)
+    assert len(va) == 6 and len(tr) == 54 and not set(tr) & set(va)
+    assert len({concepts[int(i[1:])] for i in va}) == 2
+    assert split_concepts(ids, concepts, 0.1, seed=1) == (tr, va)
+    assert split_concepts(ids, concepts, 0.1, seed=2)[1] != va

@@ -135,3 +135,70 @@ def test_learned_temperature_stays_equal_across_data_parallel_workers(tmp_path: 
     mp.spawn(ddp_temperature_step, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     t0, t1 = (float((tmp_path / f"rank-{r}.txt").read_text()) for r in range(2))
     assert t0 == t1 and t0 != pytest.approx(0.1)
+
+
+def test_validation_loss_does_not_depend_on_the_trial_batch_size(tmp_path: Path) -> None:
+    """The same model evaluated under batch_size 8 and 64 gives the same val loss: the loss is
+    over the full validation gallery (chance ~ log N), not over batches of the trial's size
+    (chance log B, which would favour small batches in a val_loss search)."""
+    import math
+
+    from brainalign.testing import write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy", subjects=("01",), n_train_concepts=10, n_test=4, noise=0.3)
+    x, idx, emb = _toy_tensors(root)
+    out = {}
+    for bs in (8, 64):
+        cfg = TrainConfig(data=DataConfig(path=str(root)), batch_size=bs, seed=3)
+        run = build_run(cfg, n_chans=x.shape[1], n_times=x.shape[2], image_emb=emb)
+        out[bs] = evaluate(run, x, idx, None)
+    assert out[8] == out[64]
+    # it is the InfoNCE of all rows as one batch
+    with torch.no_grad():
+        from brainalign.train.loop import encode
+
+        full = run.loss_fn(encode(run, x), emb[idx], idx).item()
+    assert out[64]["val_loss"] == pytest.approx(full, rel=1e-5)
+    # the old per-batch loss of the same model moved with the batch size (chance log B)
+    with torch.no_grad():
+        z = encode(run, x)
+        per_batch = {bs: np.mean([run.loss_fn(z[s:s + bs], emb[idx[s:s + bs]], idx[s:s + bs]).item()
+                                  for s in range(0, len(z) - bs + 1, bs)]) for bs in (8, 64)}
+    assert per_batch[64] - per_batch[8] > 1.0
+    # one distinct image: nothing to contrast, the loss is NaN rather than a perfect 0
+    one = evaluate(run, x[:3], torch.full((3,), int(idx[0])), None)
+    assert math.isnan(one["val_loss"])
+
+
+def test_learned_temperature_can_leave_the_cap(tmp_path: Path) -> None:
+    """Matched pairs push T down to the cap (0.01), where the optimizer step hook holds it;
+    unmatched pairs then pull it back up: its gradient is alive at the cap. With the old
+    forward clamp on exp(logit_scale) the parameter overshot the cap, its gradient was 0
+    and T stayed at 0.01 for good."""
+    import math
+
+    from brainalign.losses import MAX_LOGIT_SCALE
+
+    emb = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(learn_temperature=True, temperature=0.05, lr=0.5, weight_decay=0.0, seed=0)
+    run = build_run(cfg, n_chans=4, n_times=100, image_emb=emb)
+    cap = math.log(MAX_LOGIT_SCALE)
+
+    def step(brain: torch.Tensor) -> None:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.loss_fn(brain, emb).backward()
+        run.optimizer.step()
+
+    for _ in range(20):
+        step(emb)  # perfect matches: lower T always lowers the loss
+        assert run.loss_fn.logit_scale.item() <= cap + 1e-7  # the cap holds after every step
+    assert run.loss_fn.temperature == pytest.approx(0.01, rel=1e-5)
+    run.optimizer.zero_grad(set_to_none=True)
+    noise = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    run.loss_fn(noise, emb).backward()
+    assert run.loss_fn.logit_scale.grad.abs().item() > 0  # alive at the cap
+    for _ in range(5):
+        step(noise)  # unrelated pairs: a higher T lowers the loss
+    assert run.loss_fn.temperature > 0.02
+    with pytest.raises(ValueError, match="initial value of a learned temperature"):
+        TrainConfig(learn_temperature=True, temperature=0.005)

@@ -2,12 +2,15 @@
 
 The stored data keep every repetition. A run needs, per its config: the training subjects'
 train epochs (repetition-averaged or single trials, optionally normalized per repetition),
-split by IMAGE into train and validation (a seeded fraction of the training images, the
-same images for every subject, so no validation image is ever seen in training through
-another subject), and the evaluation subjects' test epochs averaged over repetitions.
+split into train and validation, and the evaluation subjects' test epochs averaged over
+repetitions. The validation split (``data.val_split``) is a seeded fraction of the training
+IMAGES (``"image"``, the default) or of the training CONCEPTS with all their images
+(``"concept"``: validation concepts are novel, as test concepts are); either way it is the
+same for every subject, so no validation image is ever seen in training through another
+subject.
 
 Prepared train/val data are written once per (dataset fingerprint, subjects, trial mode,
-normalization, split seed) under ``$BRAINALIGN_CACHE/prepared/<key>/`` as Parquet with
+normalization, split fraction, split mode, split seed) under ``$BRAINALIGN_CACHE/prepared/<key>/`` as Parquet with
 columns ``image_index`` (row in the image catalog), ``subject_index`` (position in the
 training subjects) and ``epoch`` (fixed-shape tensor), which Ray Data reads directly.
 """
@@ -30,7 +33,7 @@ from ..config import TrainConfig
 from ..paths import cache_dir
 from .contract import BrainDataset, EmbeddingTable, open_dataset, read_embedding_table
 
-__all__ = ["PreparedData", "load_test", "normalize_epochs", "prepare", "split_images"]
+__all__ = ["PreparedData", "load_test", "normalize_epochs", "prepare", "split_concepts", "split_images"]
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = 1
@@ -84,6 +87,64 @@ def split_images(image_ids: list[str], fraction: float, seed: int) -> tuple[list
     return [i for i in ids if i not in val_set], val
 
 
+def split_concepts(
+    image_ids: list[str], concepts: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded split by CONCEPT: ``round(fraction * n_concepts)`` concepts (at least one, at
+    most all but one) go to validation with every one of their images.
+
+    Parameters
+    ----------
+    image_ids, concepts : list of str
+        Training images and the concept of each (same length; repetitions may repeat ids).
+    fraction : float
+        Share of the concepts held out.
+    seed : int
+        Split seed.
+
+    Returns
+    -------
+    train, val : list of str
+        Sorted unique image ids.
+    """
+    if len(image_ids) != len(concepts):
+        raise BrainalignError(f"split_concepts got {len(image_ids)} image ids but {len(concepts)} concepts.")
+    concept_of = dict(zip(image_ids, concepts, strict=True))
+    names = sorted(set(concept_of.values()))
+    if len(names) < 2:
+        raise BrainalignError(
+            f"data.val_split='concept' needs at least 2 training concepts, found {len(names)}; "
+            "use data.val_split='image'."
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0C0]))
+    perm = rng.permutation(len(names))
+    n_val = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
+    val_concepts = {names[i] for i in perm[:n_val]}
+    ids = sorted(concept_of)
+    return [i for i in ids if concept_of[i] not in val_concepts], [i for i in ids if concept_of[i] in val_concepts]
+
+
+def _train_concepts(ds: BrainDataset) -> list[str]:
+    """Concept of every training image (catalog order); refuse if the dataset has none."""
+    cat = ds.catalog
+    splits = cat.column("split").to_pylist()
+    ids = [i for i, s in zip(cat.column("image_id").to_pylist(), splits, strict=True) if s == "train"]
+    concepts = [c for c, s in zip(cat.column("concept").to_pylist(), splits, strict=True) if s == "train"]
+    missing = [i for i, c in zip(ids, concepts, strict=True) if not c]
+    if missing:
+        raise BrainalignError(
+            f"data.val_split='concept': dataset {ds.root} has no concept for {len(missing)} training image(s), "
+            f"e.g. {missing[:3]}. Record each image's concept in images.parquet (docs/data-contract.md) or use "
+            "data.val_split='image'."
+        )
+    if len(set(concepts)) == len(ids):
+        raise BrainalignError(
+            f"data.val_split='concept': dataset {ds.root} has no concept information (every training image is its "
+            "own concept, as in NSD), so a concept split would only be an image split. Use data.val_split='image'."
+        )
+    return concepts
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """Where a run's prepared train/val Parquet and image embeddings are."""
@@ -95,6 +156,7 @@ class PreparedData:
     n_val_rows: int
     train_images: tuple[str, ...]
     val_images: tuple[str, ...]
+    val_split: str = "image"
 
     @property
     def train_dir(self) -> Path:
@@ -108,7 +170,8 @@ class PreparedData:
 def _key(ds: BrainDataset, cfg: TrainConfig) -> str:
     d = cfg.data
     blob = json.dumps(
-        [PREPARE_VERSION, ds.fingerprint, list(d.subjects), d.train_trials, d.normalize, d.val_fraction, cfg.seed]
+        [PREPARE_VERSION, ds.fingerprint, list(d.subjects), d.train_trials, d.normalize, d.val_fraction, cfg.seed,
+         d.val_split]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -168,7 +231,10 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         return PreparedData(root=root, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.items()})
 
     train_ids_all = ds.image_ids("train")
-    train_imgs, val_imgs = split_images(train_ids_all, cfg.data.val_fraction, cfg.seed)
+    if cfg.data.val_split == "concept":
+        train_imgs, val_imgs = split_concepts(train_ids_all, _train_concepts(ds), cfg.data.val_fraction, cfg.seed)
+    else:
+        train_imgs, val_imgs = split_images(train_ids_all, cfg.data.val_fraction, cfg.seed)
     val_set = set(val_imgs)
     index = ds.image_index()
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5EED]))
@@ -206,6 +272,7 @@ def prepare(cfg: TrainConfig) -> PreparedData:
             "n_val_rows": n_val,
             "train_images": train_imgs,
             "val_images": val_imgs,
+            "val_split": cfg.data.val_split,
         }
         (tmp / "prepared.json").write_text(json.dumps(info))
     log.info("prepared %d train / %d val rows in %s", n_train, n_val, root)

@@ -10,6 +10,7 @@ feed them from in-memory tensors.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from ..metrics import topk_accuracy
 __all__ = ["EarlyStopping", "Run", "build_run", "cosine_lr", "encode", "evaluate", "train_one_epoch"]
 
 Batch = Mapping[str, torch.Tensor]
+#: Rows per chunk of the validation loss (memory only: the value is the full-set loss).
+EVAL_CHUNK = 1024
 
 
 @dataclass
@@ -75,9 +78,17 @@ def build_run(
         # The temperature really is optimized (the reference built it but never optimized it).
         groups.append({"params": list(loss_fn.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.learn_temperature:
+        # Cap T >= 0.01 on the parameter after every step (never in the forward, where the
+        # clamp would cut the temperature's gradient at the cap): see losses.py.
+        optimizer.register_step_post_hook(functools.partial(_clamp_temperature, loss_fn))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     return Run(cfg, model, loss_fn, optimizer, scaler, device, image_emb.to(device), info.subject_aware)
+
+
+def _clamp_temperature(loss_fn: SymmetricInfoNCE, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+    loss_fn.clamp_()
 
 
 def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
@@ -183,23 +194,31 @@ def encode(
 @torch.no_grad()
 def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None,
              prefix: str = "val") -> dict[str, float]:
-    """Loss (InfoNCE over batches of ``batch_size``) and N-way top-1/top-5 retrieval.
+    """Validation loss over the full validation set and N-way top-1/top-5 retrieval.
 
-    Queries are the rows of ``x`` (repetition-averaged epochs); the gallery is the unique
-    images among ``image_index``.
+    Queries are the rows of ``x`` (repetition-averaged epochs); the retrieval gallery is the
+    unique images among ``image_index``.
+
+    The loss is the symmetric InfoNCE of ALL validation rows as one batch
+    (:meth:`SymmetricInfoNCE.gallery_loss`, chunked for memory), not of batches of the
+    trial's ``batch_size``: InfoNCE's chance level is ``log(batch)``, so a loss in the trial's
+    own batches would favour small batches in a ``val_loss`` search and make losses of
+    different trials incomparable. With the full validation gallery the chance level is a
+    property of the dataset (about ``log N``, the same for every trial) and the value does
+    not depend on the order of the rows. A fixed evaluation batch would also be
+    batch-independent, but its size is arbitrary and its value depends on how the rows
+    happen to be grouped. Cost: one pass of ``N x N`` logits (``O(N^2 D)``, memory
+    ``O(EVAL_CHUNK x N)``). Fewer than 2 distinct images give a NaN loss: nothing to
+    contrast.
     """
     z = encode(run, x, subject_index)
     idx = image_index.to(run.device).long()
-    losses, weights = [], []
-    bs = run.cfg.batch_size
-    for s in range(0, z.shape[0], bs):
-        zb, ib = z[s : s + bs], idx[s : s + bs]
-        if zb.shape[0] >= 2:
-            losses.append(float(run.loss_fn(zb, run.image_emb[ib], ib)))
-            weights.append(zb.shape[0])
     gallery_idx, targets = torch.unique(idx, return_inverse=True)
+    if gallery_idx.numel() >= 2:
+        loss = float(run.loss_fn.gallery_loss(z, run.image_emb[idx], idx, chunk_size=EVAL_CHUNK))
+    else:
+        loss = float("nan")
     acc = topk_accuracy(z, run.image_emb[gallery_idx], targets)
-    loss = sum(w * v for w, v in zip(weights, losses, strict=True)) / max(sum(weights), 1)
     return {f"{prefix}_loss": loss, f"{prefix}_top1": acc["top1"], f"{prefix}_top5": acc["top5"]}
 
 
