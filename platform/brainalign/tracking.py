@@ -33,8 +33,8 @@ __all__ = [
     "list_artifacts",
     "log_artifact",
     "log_dict",
+    "find_runs",
     "log_metrics",
-    "search_runs",
     "start_run",
     "tracking_uri",
 ]
@@ -177,40 +177,36 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
 # --------------------------------------------------------------------------- reading runs back
 @dataclass(frozen=True)
 class RunRecord:
-    """A finished (or running) MLflow run as plain data: what analyses read back.
-
-    Parameters
-    ----------
-    run_id, name, status, experiment_id : str
-        Identity and state (``FINISHED``, ``RUNNING``, ``FAILED``, ``KILLED``).
-    start_time : int
-        Milliseconds since the epoch.
-    tags, params : dict of str to str
-    metrics : dict of str to float
-        Latest value of every metric.
-    """
+    """A run as stored in MLflow (plain values; no mlflow object leaves this module)."""
 
     run_id: str
     name: str
-    status: str
     experiment_id: str
+    status: str
     start_time: int
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
+    end_time: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    deleted: bool = False
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.tags.get("mlflow.parentRunId", "")
 
 
-def _record(run: Any) -> RunRecord:
+def _record(r: Any) -> RunRecord:
     return RunRecord(
-        run_id=str(run.info.run_id), name=str(run.info.run_name or ""), status=str(run.info.status),
-        experiment_id=str(run.info.experiment_id), start_time=int(run.info.start_time or 0),
-        tags=dict(run.data.tags), metrics={k: float(v) for k, v in run.data.metrics.items()},
-        params=dict(run.data.params),
+        run_id=str(r.info.run_id), name=str(r.info.run_name or ""), experiment_id=str(r.info.experiment_id),
+        status=str(r.info.status), start_time=int(r.info.start_time or 0),
+        end_time=int(r.info.end_time) if r.info.end_time else None,
+        tags=dict(r.data.tags), params=dict(r.data.params), metrics={k: float(v) for k, v in r.data.metrics.items()},
+        deleted=r.info.lifecycle_stage == "deleted",
     )
 
 
 def get_run(run_id: str, uri: str | None = None) -> RunRecord:
-    """The run ``run_id``.
+    """One run by id.
 
     Raises
     ------
@@ -229,22 +225,26 @@ def get_run(run_id: str, uri: str | None = None) -> RunRecord:
         raise
 
 
-def search_runs(experiment: str, tags: Mapping[str, str], uri: str | None = None) -> list[RunRecord]:
+def find_runs(experiment: str, tags: Mapping[str, str], uri: str | None = None, *,
+              status: str | None = None) -> list[RunRecord]:
     """Active (not deleted) runs of ``experiment`` whose tags equal ``tags``, oldest first."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs: list[Any] = []
+    parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        parts.append(f"attributes.status = '{status}'")
+    runs: list[RunRecord] = []
     token = None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000, page_token=token)
-        runs += list(page)
+        page = client.search_runs([exp.experiment_id], filter_string=" and ".join(parts), max_results=1000,
+                                  page_token=token)
+        runs += [_record(r) for r in page]
         token = page.token
         if not token:
             break
-    return sorted((_record(r) for r in runs), key=lambda r: r.start_time)
+    return sorted(runs, key=lambda r: r.start_time)
 
 
 def list_artifacts(run_id: str, path: str | None = None, uri: str | None = None) -> list[str]:

@@ -13,7 +13,6 @@ from brainalign._checks import BrainalignError
 from brainalign.analysis.explain import (
     BANDS,
     GRADCAM_LAYERS,
-    _holm,
     band_energy,
     gradcam,
     integrated_gradients,
@@ -94,20 +93,24 @@ def test_band_energy_is_the_periodogram_share() -> None:
     assert [b[0] for b in BANDS] == ["delta", "theta", "alpha", "beta", "gamma"]
 
 
-def test_subject_tests_are_paired_t_with_holm() -> None:
+def test_subject_tests_are_subject_level_with_holm() -> None:
+    from brainalign import stats as bstats
+
     rng = np.random.default_rng(0)
     subjects = ["01", "02", "03", "04", "05"]
-    a = {s: {"x": 1 + rng.normal(0, 0.1), "y": rng.normal(), "z": 2.0} for s in subjects}
-    b = {s: {"x": rng.normal(0, 0.1), "y": rng.normal(), "z": 2.0} for s in subjects}
+    # two seeds per subject: the test must average them first (seeds are not samples)
+    a = {s: {"x": list(1 + rng.normal(0, 0.1, 2)), "y": list(rng.normal(size=2)), "z": [2.0, 2.0]} for s in subjects}
+    b = {s: {"x": list(rng.normal(0, 0.1, 2)), "y": list(rng.normal(size=2)), "z": [2.0, 2.0]} for s in subjects}
     rows = {r["measure"]: r for r in subject_tests(a, b)}
     for m in ("x", "y"):
-        res = stats.ttest_rel([a[s][m] for s in subjects], [b[s][m] for s in subjects])
-        assert rows[m]["p"] == pytest.approx(res.pvalue) and rows[m]["t"] == pytest.approx(res.statistic)
-        assert rows[m]["n"] == 5
-    assert math.isnan(rows["z"]["p"])  # zero-variance differences: undefined, not counted by Holm
-    px, py = rows["x"]["p"], rows["y"]["p"]
-    lo, hi = sorted([px, py])
-    expected = {lo: min(1, 2 * lo)}
-    expected[hi] = max(expected[lo], min(1, hi))
-    assert rows["x"]["p_holm"] == pytest.approx(expected[px]) and rows["y"]["p_holm"] == pytest.approx(expected[py])
-    assert _holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+        am = [np.mean(a[s][m]) for s in subjects]
+        bm = [np.mean(b[s][m]) for s in subjects]
+        res = stats.ttest_rel(am, bm)
+        assert rows[m]["p_t"] == pytest.approx(res.pvalue) and rows[m]["t"] == pytest.approx(res.statistic)
+        assert rows[m]["n"] == 5 and rows[m]["diff_mean"] == pytest.approx(np.mean(am) - np.mean(bm))
+        assert rows[m]["p"] == pytest.approx(bstats.sign_flip_test(np.subtract(am, bm)).p)  # exact, 2^5 patterns
+    assert math.isnan(rows["z"]["p"])  # all differences zero: undefined, not counted by Holm
+    expected = bstats.adjust_pvalues([rows["x"]["p"], rows["y"]["p"]], "holm")
+    assert (rows["x"]["p_holm"], rows["y"]["p_holm"]) == pytest.approx(expected)
+    # x: the largest possible effect with 5 subjects: exact p = 2 / 2^5, Holm x2
+    assert rows["x"]["p"] == pytest.approx(2 / 32) and rows["x"]["p_holm"] == pytest.approx(min(1, 2 * 2 / 32))

@@ -16,6 +16,7 @@ attribution, seed-averaged.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,12 @@ def _train(root: Path, table: str, seed: int, x: np.ndarray, ids: list[str]) -> 
     return run, top1
 
 
+pytestmark = pytest.mark.slow  # about 2 minutes on 2 idle cores (4 trainings of 12 epochs, IG)
+log = logging.getLogger(__name__)
+
+
 @pytest.fixture(scope="module")
 def summaries(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict[str, float]]:
-    torch.set_num_threads(1)  # deterministic and polite on a shared 2-core machine
     root = simulate_dataset(tmp_path_factory.mktemp("gt") / "sim-mini-63", "mini", seed=0, progress=False,
                             overrides={"n_subjects": 1, "ch_names": list(THINGS_EEG2_63)})
     ds = open_dataset(root)
@@ -84,6 +88,7 @@ def summaries(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int],
             v = explain_model(run, tx, [pos[i] for i in test_ids], 0, times=times, sfreq=meta.sfreq,
                               positions=positions_for(ds), methods=["ig"], ig_steps=16)["ig"]
             out[(table.split(":")[1], seed)] = v.summary | {"top1": top1}
+            log.info("%s seed %d: test top-1 %.3f, %s", table, seed, top1, v.summary)
     return out
 
 

@@ -48,25 +48,37 @@ def smoke_study(name: str, home: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def studies(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from brainalign.sweep import load_study, run_study
-
+def paper_home(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("paper-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BRAINALIGN_HOME", str(home))
         for var in ("MLFLOW_TRACKING_URI", "BRAINALIGN_CACHE", "BRAINALIGN_RAY_STORAGE"):
             mp.delenv(var, raising=False)
-        out = {}
-        for name in SMOKE:
-            study = load_study(smoke_study(name, home))
-            out[name] = SimpleNamespace(study=study, outcome=run_study(study, verbose=0))
-        yield SimpleNamespace(home=home, **{k.split("_")[0]: v for k, v in out.items()})
+        yield home
+
+
+def _run(name: str, home: Path) -> Any:
+    from brainalign.sweep import load_study, run_study
+
+    study = load_study(smoke_study(name, home))
+    return SimpleNamespace(study=study, outcome=run_study(study, verbose=0))
+
+
+# one fixture per study: each study's set-up counts against the first test that uses it
+@pytest.fixture(scope="module")
+def meg(paper_home: Path) -> Any:
+    return _run("meg_study.toml", paper_home)
+
+
+@pytest.fixture(scope="module")
+def fmri(paper_home: Path) -> Any:
+    return _run("fmri_study.toml", paper_home)
 
 
 @pytest.fixture
-def home(studies: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("BRAINALIGN_HOME", str(studies.home))
-    return Path(studies.home)
+def home(paper_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BRAINALIGN_HOME", str(paper_home))
+    return paper_home
 
 
 def _artifacts(run_id: str, path: str) -> set[str]:
@@ -75,10 +87,10 @@ def _artifacts(run_id: str, path: str) -> set[str]:
     return {Path(p).name for p in tracking.list_artifacts(run_id, path)}
 
 
-def test_meg_study_reports_both_n_ways(studies: Any, home: Path) -> None:
+def test_meg_study_reports_both_n_ways(meg: Any, home: Path) -> None:
     from brainalign import tracking
 
-    rep = studies.meg.outcome.report
+    rep = meg.outcome.report
     n_gallery = 10 + 12 * 12  # the test images and every training image of the smoke simulation
     assert [s.metric for s in rep.stats] == ["test_top1", "test_top5", f"test_top1_{n_gallery}way",
                                              f"test_top5_{n_gallery}way"]
@@ -86,7 +98,7 @@ def test_meg_study_reports_both_n_ways(studies: Any, home: Path) -> None:
     for s in rep.stats:
         assert 0 <= s.aligned_subject_mean <= 1 and s.chance == pytest.approx(
             (5 if "top5" in s.metric else 1) / (n_gallery if "way" in s.metric else 10))
-    finals = [r for r in tracking.search_runs("meg-mini", {"role": "final"}) if r.status == "FINISHED"]
+    finals = [r for r in tracking.find_runs("meg-mini", {"role": "final"}) if r.status == "FINISHED"]
     assert len(finals) == 2
     for f in finals:
         assert f.metrics["test_n_way"] == 10 and f"test_top1_{n_gallery}way" in f.metrics
@@ -94,14 +106,14 @@ def test_meg_study_reports_both_n_ways(studies: Any, home: Path) -> None:
         assert _artifacts(f.run_id, "retrieval") == {"test_rankings.csv", f"test_rankings_{n_gallery}way.csv"}
 
 
-def test_fmri_study_is_1000_way_shaped(studies: Any, home: Path) -> None:
-    rep = studies.fmri.outcome.report
+def test_fmri_study_is_1000_way_shaped(fmri: Any, home: Path) -> None:
+    rep = fmri.outcome.report
     assert [s.metric for s in rep.stats] == ["test_top1", "test_top5"]
     assert all(s.chance == pytest.approx((5 if "top5" in s.metric else 1) / 20) for s in rep.stats)
     assert (home / "reports" / "fmri-mini" / "table.md").is_file()
 
 
-def test_grids_from_the_finished_study(studies: Any, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_grids_from_the_finished_study(meg: Any, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from brainalign.cli import main
 
     assert main(["grids", "--study", "meg-mini", "--random", "2", "--query-seed", "1"]) == 0
@@ -109,13 +121,13 @@ def test_grids_from_the_finished_study(studies: Any, home: Path, capsys: pytest.
     assert "test gallery (10-way)" in out and "test+train gallery (154-way)" in out
     files = {p.name for p in (home / "reports" / "meg-mini" / "grids").iterdir()}
     assert files == {"grids_test.png", "grids_test+train.png"}
-    report_run = studies.meg.outcome.parent_run_id
+    report_run = meg.outcome.parent_run_id
     assert _artifacts(report_run, "grids") == files
     assert main(["grids", "--study", "meg-mini", "--queries", "te99999"]) == 2  # a clear error, no traceback
     assert "not test images of both runs" in capsys.readouterr().err
 
 
-def test_explain_the_finished_studies(studies: Any, home: Path) -> None:
+def test_explain_the_finished_studies(meg: Any, fmri: Any, home: Path) -> None:
     from brainalign import tracking
     from brainalign.analysis.explain import explain_study
 
@@ -126,7 +138,7 @@ def test_explain_the_finished_studies(studies: Any, home: Path) -> None:
         assert v.channels is not None and len(v.channels) == 271 and len(v.times) == 101
         assert "explain/summary.json" in {p for p in tracking.list_artifacts(r.run_id, "explain")}
     names = {"temporal.png", "spectral.png", "spatial.png", "stats.csv", "stats.json", "runs.csv", "explain.md"}
-    assert set(res.files) == names and _artifacts(studies.meg.outcome.parent_run_id, "explain") == names
+    assert set(res.files) == names and _artifacts(meg.outcome.parent_run_id, "explain") == names
     assert set(res.stats) == {"nice x sim-clip / gradcam", "nice x sim-clip / ig"}
     assert all(r["n"] == 1 for rows_ in res.stats.values() for r in rows_)  # one subject: no test, n = 1
     table = (home / "reports" / "meg-mini" / "table.md").read_text()

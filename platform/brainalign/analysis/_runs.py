@@ -159,7 +159,7 @@ def study_runs(name: str, uri: str | None = None) -> StudyRuns:
     BrainalignError
         No finished study of that name, or one without finals.
     """
-    reports = [r for r in tracking.search_runs(name, {"role": "report", "study": name}, uri)
+    reports = [r for r in tracking.find_runs(name, {"role": "report", "study": name}, uri)
                if r.status == "FINISHED"]
     if not reports:
         raise BrainalignError(
@@ -167,9 +167,9 @@ def study_runs(name: str, uri: str | None = None) -> StudyRuns:
             f"`brainalign sweep --study <file>` first (its [study] name is the MLflow experiment)."
         )
     report = reports[-1]
-    searches = {r.run_id for r in tracking.search_runs(
+    searches = {r.run_id for r in tracking.find_runs(
         name, {"role": "search", "mlflow.parentRunId": report.run_id}, uri)}
-    finals = [r for r in tracking.search_runs(name, {"role": "final", "study": name}, uri)
+    finals = [r for r in tracking.find_runs(name, {"role": "final", "study": name}, uri)
               if r.tags.get("mlflow.parentRunId") in searches and r.status == "FINISHED"]
     if not finals:
         raise BrainalignError(f"study {name!r} (report run {report.run_id}) has no finished final runs.")

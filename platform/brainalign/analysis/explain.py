@@ -33,10 +33,11 @@ Views, per model (one final run), aligned vs base:
   (``spatial_y``: lower = more occipital) in the head frame of
   :func:`brainalign.data.simulate.sensor_layout`.
 
-Statistics: each summary is averaged over a subject's seeds, then aligned vs base is tested
-across subjects (paired t-test) with Holm's step-down correction over the summaries of one
-method (:func:`subject_tests`). The paper tested bands with an unpaired t-test over seeds;
-seeds are not independent samples.
+Statistics (:func:`subject_tests`, through :mod:`brainalign.stats`): each summary is averaged
+over a subject's seeds, then aligned vs base is compared across subjects (exact sign-flip
+permutation test as the primary test, paired t-test beside it), Holm-corrected over the
+summaries of one method. The paper tested bands with an unpaired t-test over seeds; seeds are
+not independent samples.
 """
 
 from __future__ import annotations
@@ -396,58 +397,50 @@ def positions_for(ds: Any) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------- statistics
-def _holm(p: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (NaN stays NaN and is not counted)."""
-    idx = [i for i, v in enumerate(p) if not math.isnan(v)]
-    order = sorted(idx, key=lambda i: p[i])
-    out = [float("nan")] * len(p)
-    running = 0.0
-    m = len(order)
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
-    return out
+def subject_tests(aligned: Mapping[str, Mapping[str, Sequence[float]]],
+                  base: Mapping[str, Mapping[str, Sequence[float]]]) -> list[dict[str, Any]]:
+    """Aligned vs base for every measure, at the subject level, Holm-corrected over the measures.
 
-
-def subject_tests(aligned: Mapping[str, Mapping[str, float]],
-                  base: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
-    """Aligned vs base for every measure: paired t-test across subjects, Holm-corrected.
-
-    The one place the gradient analysis does statistics (so it can move to the project's
-    statistics module unchanged in its inputs and outputs).
+    The one place the gradient analysis does statistics; it delegates to
+    :mod:`brainalign.stats`: :func:`~brainalign.stats.paired_comparison` per measure (each
+    subject's seeds averaged first; the primary test is the exact sign-flip permutation test
+    on the subject differences, with the paired t-test beside it) and
+    :func:`~brainalign.stats.correct_family` (Holm) over the measures given.
 
     Parameters
     ----------
     aligned, base : mapping
-        ``subject -> {measure: value}``, each value already averaged over the subject's seeds.
-        Only subjects present in both are paired.
+        ``subject -> {measure: [value per seed]}``. A measure is compared over the subjects
+        both arms have with finite values.
 
     Returns
     -------
     list of dict
-        Per measure: ``measure, n, aligned_mean, base_mean, diff_mean, t, p, p_holm``
-        (``scipy.stats.ttest_rel``, two-sided; Holm over the measures given; NaN with fewer
-        than 2 subjects or zero-variance differences).
+        Per measure: ``measure, n, aligned_mean, base_mean, diff_mean, ci_low, ci_high`` (t-based
+        95 % CI of the mean difference), ``d_z, t, p_t, p`` (sign-flip permutation),
+        ``p_holm`` (Holm-adjusted permutation p), ``p_t_holm`` and ``notes``. NaN where a
+        statistic is undefined (e.g. one subject).
     """
-    from scipy import stats
+    from .. import stats
 
     subjects = sorted(set(aligned) & set(base))
     measures = sorted({k for s in subjects for k in aligned[s]} & {k for s in subjects for k in base[s]})
-    rows: list[dict[str, Any]] = []
+    comps = []
     for m in measures:
-        a = np.array([aligned[s].get(m, np.nan) for s in subjects], float)
-        b = np.array([base[s].get(m, np.nan) for s in subjects], float)
-        ok = np.isfinite(a) & np.isfinite(b)
-        a, b = a[ok], b[ok]
-        t = p = float("nan")
-        if len(a) >= 2 and np.ptp(a - b) > 1e-15:
-            res = stats.ttest_rel(a, b)
-            t, p = float(res.statistic), float(res.pvalue)
-        rows.append({"measure": m, "n": int(len(a)), "aligned_mean": float(a.mean()) if len(a) else float("nan"),
-                     "base_mean": float(b.mean()) if len(b) else float("nan"),
-                     "diff_mean": float((a - b).mean()) if len(a) else float("nan"), "t": t, "p": p})
-    for r, ph in zip(rows, _holm([r["p"] for r in rows]), strict=True):
-        r["p_holm"] = ph
+        a = {s: [float(v) for v in aligned[s].get(m, [])] for s in subjects}
+        b = {s: [float(v) for v in base[s].get(m, [])] for s in subjects}
+        keep = [s for s in subjects if a[s] and b[s] and np.isfinite(a[s]).all() and np.isfinite(b[s]).all()]
+        if not keep:
+            continue
+        comps.append(stats.paired_comparison({s: a[s] for s in keep}, {s: b[s] for s in keep}, name=m,
+                                             run_level=False, n_bootstrap=999))
+    rows = []
+    for c in stats.correct_family(comps, "holm") if comps else ():
+        rows.append({"measure": c.name, "n": c.n_subjects, "aligned_mean": c.a.mean, "base_mean": c.b.mean,
+                     "diff_mean": c.mean_difference, "ci_low": c.ci_t.low, "ci_high": c.ci_t.high, "d_z": c.d_z,
+                     "t": c.t_test.statistic, "p_t": c.t_test.p, "p": c.permutation.p,
+                     "p_holm": c.permutation.p_adjusted, "p_t_holm": c.t_test.p_adjusted,
+                     "notes": "; ".join(c.notes)})
     return rows
 
 
@@ -544,15 +537,15 @@ def explain_run(run_id: str, *, methods: Sequence[str] = METHODS, ig_steps: int 
     return out
 
 
-def _by_subject(runs: Sequence[RunExplanation], method: str, arm: str) -> dict[str, dict[str, float]]:
-    """``subject -> {measure: seed-averaged value}`` of one arm and method."""
+def _by_subject(runs: Sequence[RunExplanation], method: str, arm: str) -> dict[str, dict[str, list[float]]]:
+    """``subject -> {measure: [value per seed]}`` of one arm and method."""
     acc: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         if r.arm != arm or method not in r.views:
             continue
         for k, val in r.views[method].summary.items():
             acc.setdefault(r.subject, {}).setdefault(k, []).append(val)
-    return {s: {k: float(np.nanmean(v)) for k, v in d.items()} for s, d in acc.items()}
+    return acc
 
 
 @dataclass
@@ -645,11 +638,12 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
     files["runs.csv"].write_text(buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["comparison", "measure", "n_subjects", "aligned_mean", "base_mean", "diff_mean", "t", "p", "p_holm"])
+    cols = ["measure", "n", "aligned_mean", "base_mean", "diff_mean", "ci_low", "ci_high", "d_z", "t", "p_t", "p",
+            "p_holm", "p_t_holm", "notes"]
+    w.writerow(["comparison", *cols])
     for comp, rows in stats.items():
         for r in rows:
-            w.writerow([comp, r["measure"], r["n"], repr(r["aligned_mean"]), repr(r["base_mean"]),
-                        repr(r["diff_mean"]), repr(r["t"]), repr(r["p"]), repr(r["p_holm"])])
+            w.writerow([comp, *[repr(r[c]) if isinstance(r[c], float) else r[c] for c in cols]])
     files["stats.csv"] = out / "stats.csv"
     files["stats.csv"].write_text(buf.getvalue())
     files["stats.json"] = out / "stats.json"
@@ -661,8 +655,9 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
     # markdown section
     lines = [f"## Gradient analysis (study {name})", "",
              "Attributions of each final model's similarity to the target image embedding, per test trial "
-             "(Section 5.5 / App. G). Means over subjects of seed-averaged values; p: paired t-test across "
-             "subjects, Holm-corrected over the measures of one method (`p_holm`).", ""]
+             "(Section 5.5 / App. G). Means over subjects of seed-averaged values; p: exact sign-flip "
+             "permutation test on the subject differences (`brainalign.stats`), Holm-corrected over the "
+             "measures of one method; t: paired t across subjects.", ""]
     for fig in ("temporal.png", "spectral.png", "spatial.png"):
         if fig in figs:
             lines.append(f"![{fig[:-4]}]({fig})")
@@ -670,13 +665,15 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
     labels = {"temporal_com_s": "temporal centre of mass (s)", "early_share": "share above p99 in 0-200 ms",
               "spatial_y": "spatial centre (y; lower = occipital)"}
     for comp, rows in stats.items():
-        lines += [f"### {comp}", "", "| measure | n | aligned | base | aligned − base | t | p | p (Holm) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {comp}", "", "| measure | n subj. | aligned | base | aligned − base [95 % CI] | t | "
+                  "p (perm.) | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lab = labels.get(r["measure"], r["measure"].replace("band_", "band energy: "))
             lines.append(f"| {lab} | {r['n']} | {_fmt(r['aligned_mean'])} | {_fmt(r['base_mean'])} | "
-                         f"{_fmt(r['diff_mean'])} | {_fmt(r['t'])} | {_fmt(r['p'])} | {_fmt(r['p_holm'])} |")
-        lines.append("")
+                         f"{_fmt(r['diff_mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['t'])} | "
+                         f"{_fmt(r['p'])} | {_fmt(r['p_holm'])} |")
+        notes = sorted({n for r in rows for n in r["notes"].split("; ") if n})
+        lines += ["", *[f"- {n}" for n in notes], ""]
     files["explain.md"] = out / "explain.md"
     files["explain.md"].write_text("\n".join(lines) + "\n")
     files["_markdown"] = files["explain.md"]
