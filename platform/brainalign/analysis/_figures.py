@@ -46,7 +46,8 @@ def topomap(ax: Any, values: np.ndarray, ch_names: Sequence[str], modality: str,
             cmap: str = "Reds", vlim: tuple[float, float] | None = None) -> Any:
     """Draw per-channel values on the dataset's sensor montage (MNE) or the voxel sheet.
 
-    EEG: ``mne.viz.plot_topomap`` with the ``standard_1005`` montage; MEG: MNE's CTF-275
+    EEG: ``mne.viz.plot_topomap`` with the 10-05 template montage (``standard_1005``, in MNE
+    1.13 ``colin27_1005``); MEG: MNE's CTF-275
     layout positions (2-D); simulated fMRI: a scatter over the voxel sheet. Returns the image
     (for a colour bar) or None where no positions are known.
     """
@@ -66,7 +67,8 @@ def topomap(ax: Any, values: np.ndarray, ch_names: Sequence[str], modality: str,
         ax.set_aspect("equal")
         ax.set_axis_off()
         return im
-    kw: dict[str, Any] = {"axes": ax, "show": False, "cmap": cmap, "contours": 0}
+    # extrapolate only around the sensors: 17 occipito-parietal channels say nothing about the front
+    kw: dict[str, Any] = {"axes": ax, "show": False, "cmap": cmap, "contours": 0, "extrapolate": "local"}
     if vlim is not None:
         kw["vlim"] = vlim
     try:
@@ -74,7 +76,7 @@ def topomap(ax: Any, values: np.ndarray, ch_names: Sequence[str], modality: str,
             im, _ = mne.viz.plot_topomap(values, ctf_layout(ch_names), sphere=1.08, **kw)
         else:
             info = mne.create_info(list(ch_names), 100.0, "eeg")
-            info.set_montage("standard_1005", match_case=False, on_missing="raise")
+            info.set_montage(_eeg_montage(), match_case=False, on_missing="raise")
             im, _ = mne.viz.plot_topomap(values, info, **kw)
         return im
     except Exception as e:  # a channel set the montage cannot place: say so in the figure
@@ -82,6 +84,14 @@ def topomap(ax: Any, values: np.ndarray, ch_names: Sequence[str], modality: str,
         ax.text(0.5, 0.5, f"no montage for\nthese channels\n({type(e).__name__})", ha="center", va="center")
         ax.set_axis_off()
         return None
+
+
+def _eeg_montage() -> str:
+    """The 10-05 template montage: ``standard_1005``, renamed ``colin27_1005`` in MNE 1.13."""
+    import mne
+
+    names = mne.channels.get_builtin_montages()
+    return "colin27_1005" if "colin27_1005" in names else "standard_1005"
 
 
 def _circle() -> Any:
@@ -155,8 +165,8 @@ def study_figures(runs: Sequence[Any], stats: Mapping[str, list[dict[str, Any]]]
             ax.set_ylabel("normalized energy")
             ax.set_title(f"{enc} × {bb}, {'Grad-CAM' if m == 'gradcam' else 'integrated gradients'}", fontsize=9)
             ax.legend(frameon=False, fontsize=7)
-        fig.text(0.01, 0.01, "mean ± s.e.m. over subjects (seed-averaged); * p_Holm < .05 (paired t, subjects)",
-                 fontsize=7)
+        fig.text(0.01, 0.01, "mean ± s.e.m. over subjects (seed-averaged); * p_Holm < .05 (sign-flip permutation "
+                 "test across subjects, Holm over the measures)", fontsize=7)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         files["spectral.png"] = out / "spectral.png"
         fig.savefig(files["spectral.png"], dpi=90)

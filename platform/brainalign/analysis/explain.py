@@ -8,7 +8,11 @@ brain encoder's output and the target, after the loss's mean-centring and L2 nor
 * **Grad-CAM** (Selvaraju et al. 2017), the paper's method: on a layer whose output keeps a
   time axis (NICE's ``projection``, AlignVis's ``encoder.0.projection.0``), the activations
   weighted by their time-averaged gradients, summed over filters, positive part, each trial
-  normalized to [0, 1] and linearly interpolated to the input's samples (App. G.1). A
+  normalized to [0, 1] and linearly interpolated to the input's length (App. G.1). The
+  interpolation spreads the layer's steps evenly over the epoch, which is not where their
+  receptive fields sit (NICE at 100 Hz: 6 steps seeing samples ``5p ... 5p + 74``, centred at
+  0.37-0.62 s, drawn at 0.08-0.92 s; :func:`layer_receptive_fields` measures them and
+  :func:`explain_run` records the centres): Grad-CAM's time axis is approximate. A
   ``(trials, n_times)`` map: it has no channel axis (the layer sits after NICE's spatial
   convolution), so it gives the temporal and spectral views only.
 * **Integrated gradients** (Sundararajan et al. 2017) through Captum, layer-free: the input
@@ -28,7 +32,7 @@ Views, per model (one final run), aligned vs base:
   gamma > 30 Hz) over the total energy (DC included, as the paper's Eq. 3), averaged over
   trials (``band_<name>``);
 * **spatial**: the mean attribution per channel (summing to 1), drawn as an MNE topomap on the
-  dataset's montage (``standard_1005`` for EEG, MNE's CTF-275 layout for MEG, the voxel sheet
+  dataset's montage (the 10-05 template for EEG, MNE's CTF-275 layout for MEG, the voxel sheet
   for simulated fMRI); summary: the attribution-weighted mean front-back position
   (``spatial_y``: lower = more occipital) in the head frame of
   :func:`brainalign.data.simulate.sensor_layout`.
@@ -71,6 +75,7 @@ __all__ = [
     "explain_study",
     "gradcam",
     "integrated_gradients",
+    "layer_receptive_fields",
     "subject_tests",
     "views",
 ]
@@ -164,7 +169,7 @@ def gradcam(
     np.ndarray
         ``(N, n_times)`` float32 in [0, 1]: per trial, the positive part of
         ``sum_f mean_t(grad_f) * act_f`` normalized to its maximum, linearly interpolated from
-        the layer's time steps to the input's samples.
+        the layer's time steps to the input's length (the paper's App. G.1; steps spread evenly).
 
     Raises
     ------
@@ -180,8 +185,8 @@ def gradcam(
         )
     path, tdim = GRADCAM_LAYERS[encoder]
     objective = _Similarity(model, subject_aware).eval()
-    cam = LayerGradCam(objective, _module(model, path))
-    n_times = x.shape[-1]
+    layer = _module(model, path)
+    cam = LayerGradCam(objective, layer)
     out = []
     for s in range(0, x.shape[0], batch_size):
         xb = x[s : s + batch_size]
@@ -189,9 +194,46 @@ def gradcam(
                           relu_attributions=True)  # (B, 1, ...) with the layer's spatial dims
         a = a.detach().movedim(tdim, -1).flatten(1, -2) if a.dim() > 3 else a.detach()
         a = a.sum(1) if a.dim() == 3 else a  # (B, steps): sum any remaining non-time dims
-        a = torch.nn.functional.interpolate(a.unsqueeze(1), size=n_times, mode="linear", align_corners=True)
+        # App. G.1 "interpolated to match the EEG input size": the layer's steps stretched evenly
+        # over the epoch (captum's LayerAttribution.interpolate). Where the steps' receptive
+        # fields really sit: layer_receptive_fields (recorded by explain_run).
+        a = torch.nn.functional.interpolate(a.unsqueeze(1).float(), size=x.shape[-1], mode="linear")
         out.append(_normalize_max(a[:, 0]))
     return torch.cat(out).float().cpu().numpy()
+
+
+def layer_receptive_fields(model: nn.Module, layer: nn.Module, tdim: int, x: torch.Tensor,
+                           subject_index: torch.Tensor, subject_aware: bool) -> np.ndarray:
+    """Receptive field over input time of each time step of ``layer``'s output, ``(steps, n_times)``.
+
+    Found from the model itself: the gradient of step ``p``'s summed output with respect to the
+    input (at ``x`` plus a little noise), summed over channels in absolute value, normalized to
+    sum 1 per step. NICE's projection at 17 x 100 has 6 steps, each seeing 75 samples
+    (``5p ... 5p + 74``): stretching the 6 values over the epoch, as the paper's interpolation to
+    the input length does, draws the first at 80 ms although it sees 0-740 ms (centre 370 ms).
+    """
+    grabbed: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda _m, _i, o: grabbed.append(o))
+    xg = (x.detach().clone() + 0.1 * torch.randn_like(x)).requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            model(xg, subject_index) if subject_aware else model(xg)
+            out = grabbed[0].movedim(tdim, -1)
+            fields = []
+            for p in range(out.shape[-1]):
+                (g,) = torch.autograd.grad(out[..., p].sum(), xg, retain_graph=True)
+                fields.append(g.detach().abs().sum(dim=tuple(range(g.dim() - 1))).double().cpu().numpy())
+    finally:
+        hook.remove()
+    w = np.stack(fields)
+    total = w.sum(1, keepdims=True)
+    if not np.all(total > 0):  # a step that sees nothing: spread the steps evenly instead
+        edges = np.linspace(0, x.shape[-1], len(w) + 1).round().astype(int)
+        w = np.zeros_like(w)
+        for p in range(len(w)):
+            w[p, edges[p] : max(edges[p + 1], edges[p] + 1)] = 1.0
+        total = w.sum(1, keepdims=True)
+    return np.asarray(w / total)
 
 
 def integrated_gradients(
@@ -530,8 +572,17 @@ def explain_run(run_id: str, *, methods: Sequence[str] = METHODS, ig_steps: int 
             tables["channels.csv"] = buf.getvalue()
         for name, text in tables.items():
             tracking.log_text(run_id, text, f"explain/{name}", uri=uri)
+        extra: dict[str, Any] = {}
+        if "gradcam" in v:  # where the Grad-CAM layer's steps really look (the map spreads them evenly)
+            model = lm.run.model
+            path, tdim = GRADCAM_LAYERS[fr.cfg.encoder]
+            fields = layer_receptive_fields(model, _module(model, path), tdim,
+                                            torch.from_numpy(lm.test_x[:1]).to(lm.run.device),
+                                            torch.full((1,), lm.subject_index, dtype=torch.long),
+                                            lm.run.subject_aware)
+            extra["gradcam_step_centres_s"] = [float(t) for t in fields @ times]
         tracking.log_dict(run_id, {"methods": list(v), "ig_steps": ig_steps, "n_trials": len(lm.test_ids),
-                                   "summary": {m: vv.summary for m, vv in v.items()}},
+                                   "summary": {m: vv.summary for m, vv in v.items()}} | extra,
                           "explain/summary.json", uri=uri)
     log.info("explained run %s (%s) in %.1f s", run_id, fr.label, out.seconds)
     return out

@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,19 +223,20 @@ def draw_grid(queries: Sequence[str], aligned: dict[str, Retrieval], base: dict[
     import matplotlib.pyplot as plt
 
     n = len(queries)
-    fig, axes = plt.subplots(2 * n, 6, figsize=(7.2, 2.55 * n), squeeze=False,
-                             gridspec_kw={"hspace": 0.45, "wspace": 0.08})
+    fig, axes = plt.subplots(2 * n, 7, figsize=(7.6, 2.4 * n + 0.4), squeeze=False,
+                             gridspec_kw={"hspace": 0.45, "wspace": 0.08, "width_ratios": [1, 0.6, 1, 1, 1, 1, 1]})
     for qi, q in enumerate(queries):
         for ri, (res, lab) in enumerate(((aligned[q], labels[0]), (base[q], labels[1]))):
             row = axes[2 * qi + ri]
-            ax0 = row[0]
+            ax0, axl = row[0], row[1]
             ax0.set_axis_off()
+            axl.set_axis_off()
             if ri == 0:
                 ax0.imshow(images.load(q))
                 ax0.set_title(f"query {q}", fontsize=7)
-            ax0.text(1.0, 0.5 if ri else -0.15, f"{lab}\nrank {res.rank}", transform=ax0.transAxes, ha="right",
-                     va="center", fontsize=7, color="#1f77b4" if ri == 0 else "#555555")
-            for ax, img_id, s in zip(row[1:], res.top, res.scores, strict=False):
+            axl.text(0.95, 0.5, f"{lab}\nrank {res.rank}", transform=axl.transAxes, ha="right", va="center",
+                     fontsize=7, color="#1f77b4" if ri == 0 else "#555555")
+            for ax, img_id, s in zip(row[2:], res.top, res.scores, strict=False):
                 ax.imshow(images.load(img_id))
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -243,9 +245,9 @@ def draw_grid(queries: Sequence[str], aligned: dict[str, Retrieval], base: dict[
                 for sp in ax.spines.values():
                     sp.set_edgecolor("#2ca02c" if hit else "#cccccc")
                     sp.set_linewidth(3 if hit else 0.5)
-            for ax in row[1 + len(res.top):]:
+            for ax in row[2 + len(res.top):]:
                 ax.set_axis_off()
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 95)), fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -365,7 +367,7 @@ def image_grids(aligned_run: str, base_run: str, *, galleries: Sequence[str] = (
                      f"{fa.cfg.data.image_table} (top) vs {fb.cfg.data.image_table} (bottom); queries {why}; "
                      "cosine similarity above each image, the correct image framed green")
             path = draw_grid(chosen, ra, rb, images, out_dir / f"grids_{g}.png",
-                             labels=(f"aligned\n{fa.cfg.data.image_table}", f"base\n{fb.cfg.data.image_table}"),
+                             labels=("aligned", "base"),
                              title=title)
             result.files[g] = path
             result.queries[g] = list(chosen)
