@@ -28,7 +28,7 @@ train: $(STAMP)  ## one NICE run on the simulated mini dataset (simulated first 
 	$(BIN)/brainalign train --config jobs/train_mini.toml $(ARGS)
 
 sweep: $(STAMP)  ## the study in $(STUDY): searches, finals, aligned-vs-base report
-	$(BIN)/brainalign sweep --study $(STUDY) $(ARGS)
+	$(BIN)/brainalign study run $(STUDY) $(ARGS)
 
 test: $(STAMP)  ## everything CI runs (unit + real Ray/MLflow/Optuna integration)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

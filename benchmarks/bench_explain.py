@@ -37,7 +37,7 @@ def _finished_final(opts: Options) -> str:
     """Simulate mini (subject 01) and train one final run of the mini study's recipe; its run id."""
     from brainalign.config import TrainConfig
     from brainalign.data.simulate import simulate_dataset
-    from brainalign.train.runner import run_training
+    from brainalign.train.runner import RunSpec, run_training
 
     root = simulate_dataset(opts.workdir / "sim-mini-s01", "mini", seed=0, overrides={"n_subjects": 1},
                             progress=False)
@@ -46,7 +46,7 @@ def _finished_final(opts: Options) -> str:
         "epochs": 2 if opts.quick else 12, "select_metric": "val_top1", "experiment": "bench-explain",
         "run_name": "bench-explain-final",
     })
-    return run_training(cfg, role="final").run_id
+    return run_training(cfg, RunSpec(role="final")).run_id
 
 
 def _test_eval(run_id: str) -> float:

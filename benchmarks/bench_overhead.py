@@ -43,6 +43,7 @@ from _common import EquivalenceError, Options, Result, make_result, median, spre
 
 from brainalign.config import DataConfig, TrainConfig
 from brainalign.train.loop import build_run, evaluate, train_one_epoch
+from brainalign.train.spec import WorkerSpec
 
 FULL_IMAGES = 16_540
 VAL_FRACTION = 0.1
@@ -239,14 +240,14 @@ class AnonPeak:
 
 
 def start_ray() -> None:
-    """``brainalign.train.runner.ensure_ray`` on a private local cluster (never a shared RAY_ADDRESS)."""
+    """``brainalign._ray.ensure_ray`` on a private local cluster (never a shared RAY_ADDRESS)."""
     os.environ.pop("RAY_ADDRESS", None)
     import logging
 
     import ray
     import ray.data
 
-    from brainalign.train.runner import ensure_ray
+    from brainalign._ray import ensure_ray
 
     # a loaded 2-core box starts Train workers slowly (the default limit is 60 s)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
@@ -259,8 +260,18 @@ def start_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool = False) -> dict[str, Any]:
-    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory."""
+def ray_fit(
+    prep: Prepared,
+    cfg: TrainConfig,
+    probe: Path,
+    *,
+    tune_trial: bool = False,
+    loop_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the platform's TorchTrainer on ``prep``; return report times and worker memory.
+
+    ``loop_extra``: more :class:`WorkerSpec` fields (``cache_shard``/``cache_val``, which
+    ``runner._fit`` decides from the split sizes)."""
     import ray
     import ray.data
     import ray.train
@@ -299,13 +310,9 @@ def ray_fit(prep: Prepared, cfg: TrainConfig, probe: Path, *, tune_trial: bool =
     trainer = TorchTrainer(
         _probe_worker,
         train_loop_config={
-            "cfg": cfg.to_flat(),
-            "emb_path": str(prep.emb_path),
-            "n_chans": prep.n_chans,
-            "n_times": prep.n_times,
-            "n_train_rows": prep.n_train_rows,
-            "mlflow_run_id": None,
-            "save_checkpoint": False,
+            "spec": WorkerSpec(config=cfg, emb_path=str(prep.emb_path), n_chans=prep.n_chans,
+                               n_times=prep.n_times, n_train_rows=prep.n_train_rows, save_checkpoint=False,
+                               **(loop_extra or {})),
             "_probe_dir": str(probe),
         },
         scaling_config=ray.train.ScalingConfig(

@@ -7,7 +7,7 @@ with brainalign's loop (``build_run`` / ``train_one_epoch`` / ``evaluate``) on t
 image-level split), recording the validation top-1 (200-way) after every epoch. The grid's
 target is the best validation top-1 any point reached, minus 1 point.
 
-The search is what ``brainalign sweep`` runs, simulated in-process: Optuna's ``TPESampler``
+The search is what ``brainalign study run`` runs for a sweep, simulated in-process: Optuna's ``TPESampler``
 (seeded) proposing from the same 12 points, and ASHA as Optuna's ``SuccessiveHalvingPruner``
 (min resource 1 epoch, reduction factor 3: rungs at 1, 3, 9 epochs, like Tune's ``ASHAScheduler``
 with ``grace_period=1``), trials run one after another. Its cost is the number of epochs

@@ -53,7 +53,7 @@ TITLES = {
     "step": "1. Training step: brainalign NICE step vs reference-style step",
     "overhead": "2. Platform overhead: Ray Train + Ray Data epoch vs plain in-process loop",
     "sweep": "3. Sweep efficiency: TPE + ASHA vs the reference's grid",
-    "retrieval": "4. Retrieval at scale: chunked ranks vs naive full sort",
+    "retrieval": "4. Retrieval at scale: exact ranks vs the float32 GEMM floor",
     "memory": "5. Memory: Train worker peak RSS, 1 vs 4 subjects",
     "embed": "7. Image embedding: Ray Data pipeline vs sequential loop (issue 4)",
     "explain": "8. Gradient analysis: `brainalign explain` on a finished mini final (issue 16)",
@@ -81,15 +81,20 @@ WHAT = {
         "and replayed (determinism checked)."
     ),
     "retrieval": (
-        "200 queries x D=768 against galleries of 16,740 and 1,000,000: `brainalign.metrics."
-        "retrieval_ranks` / `topk_accuracy` (one pass over the gallery in chunks) vs `similarity` + full "
-        "`argsort`, and the previous query-chunked method; ranks must be identical. Peak memory = kernel high-water mark (VmHWM, reset per call) "
-        "above the RSS holding the gallery."
+        "200 queries x D=768 against galleries of 16,740 and 1,000,000, interleaved in one process with the "
+        "same torch threads: `brainalign.metrics.retrieval_ranks` (float32 screen of the raw gallery rows, exact "
+        "float64 rescoring of the items within the float32 error bound of the target's score) vs the floor, one "
+        "plain float32 GEMM of the same shape (`torch.mm`, scores only), the same GEMM through oneDNN (what the "
+        "library calls), the previous method (normalize each chunk, `torch.mm`, count) and the naive one "
+        "(normalized copies, full score matrix, count >= target). Ranks must equal the naive ones (queries = "
+        "target + noise) and an exact float64 reference (chance-level queries: the screen's worst case). Peak "
+        "memory = kernel high-water mark (VmHWM, reset per call) above the RSS holding the gallery."
     ),
     "memory": (
         "Peak private RSS (RssAnon, polled) and VmHWM of the Ray Train worker (library "
-        "`train_loop_per_worker`, one epoch) with 1 vs 4 subjects of 63 x 250 rows, measured at a fraction "
-        "of full size and extrapolated with a per-row model."
+        "`train_loop_per_worker`, one epoch, the runner's decisions on what to hold whole) with 1 vs 4 subjects "
+        "of 63 x 250 rows, measured at a fraction of full size with the byte bounds (shuffle buffer, held-whole "
+        "threshold) scaled by the same fraction, and extrapolated to full size with a per-row model."
     ),
     "embed": (
         "Images/s of `brainalign.images.embed_catalog` (Ray Data: parallel JPEG decode tasks, then a "

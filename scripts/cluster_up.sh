@@ -14,6 +14,11 @@
 #                          and every later plain `ray.init()` on this machine would join us.
 #   MLFLOW_PORT            MLflow server port; 5000
 #   RAY_AUTH_MODE          disabled (default; loopback only) or token (see docs/cluster.md)
+#   CLUSTER_MULTI_NODE=1   opt-in: let other machines join this head. The GCS, raylet and agents then
+#                          listen on CLUSTER_NODE_IP (default: Ray's pick of this machine's address),
+#                          and token auth is required (RAY_AUTH_MODE=token; a token must exist). The
+#                          dashboard/job API stays on 127.0.0.1 (port-forward it). See docs/cluster.md.
+#   CLUSTER_NODE_IP        the address other machines reach this head on (multi-node only)
 #   RAY_JOB_STOP_WAIT_TIME_S  grace between SIGTERM and SIGKILL on `ray job stop`; 15
 #   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S  head's drain on SIGTERM (cluster-down); 5
 #   CLUSTER_NO_MLFLOW=1    start only Ray
@@ -41,6 +46,20 @@ START_TIMEOUT="${CLUSTER_START_TIMEOUT:-300}"  # MLflow's first start migrates t
 # Token auth is decided per command from RAY_AUTH_MODE. Set it explicitly: with the variable
 # unset, `ray start` turns token auth ON whenever ~/.ray/auth_token exists (any earlier local
 # ray.init() writes one), while the job CLI does not send the token unless told to.
+MULTI_NODE="${CLUSTER_MULTI_NODE:-0}"
+if [[ "$MULTI_NODE" == 1 ]]; then
+    # other machines can reach the head: never without a token
+    [[ "${RAY_AUTH_MODE:-token}" == token ]] || {
+        echo "cluster-up: CLUSTER_MULTI_NODE=1 requires token auth; RAY_AUTH_MODE=${RAY_AUTH_MODE} is refused." >&2
+        exit 1
+    }
+    export RAY_AUTH_MODE=token
+else
+    # Bind everything to 127.0.0.1. Ray resolves --node-ip-address=127.0.0.1 to the machine's network
+    # address (and then listens on all interfaces) unless multi-node support is off for the process:
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 (ray._private.services.resolve_ip_for_localhost).
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-15}"
@@ -195,10 +214,16 @@ write_state
 # SIGTERM to it shuts down exactly this head. `setsid` puts it in its own process group, so
 # cluster_down.sh can also reap leftovers by that group id. `ray stop` is never used: it
 # kills every Ray process on the machine, by name, including other people's clusters.
+if [[ "$MULTI_NODE" == 1 ]]; then
+    NODE_IP_ARGS=()
+    [[ -z "${CLUSTER_NODE_IP:-}" ]] || NODE_IP_ARGS=(--node-ip-address="$CLUSTER_NODE_IP")
+else
+    NODE_IP_ARGS=(--node-ip-address=127.0.0.1)
+fi
 start_ray() {
     setsid ray start --head --block \
         --num-cpus="$NUM_CPUS" \
-        --node-ip-address=127.0.0.1 \
+        "${NODE_IP_ARGS[@]}" \
         --port="$GCS_PORT" \
         --include-dashboard=true \
         --dashboard-host=127.0.0.1 \
@@ -255,5 +280,11 @@ if [[ -n "$MLFLOW_PID" ]]; then
 fi
 
 echo "cluster-up: Ray head pid $RAY_PID, dashboard/jobs http://127.0.0.1:$DASH_PORT (auth: $RAY_AUTH_MODE)"
+if [[ "$MULTI_NODE" == 1 ]]; then
+    echo "cluster-up: multi-node: on each worker machine run (with the same token):"
+    echo "  RAY_AUTH_MODE=token ray start --address=${CLUSTER_NODE_IP:-<this machine address>}:$GCS_PORT"
+else
+    echo "cluster-up: every port listens on 127.0.0.1 only (CLUSTER_MULTI_NODE=1 to let other machines join)"
+fi
 [[ -n "$MLFLOW_PID" ]] && echo "cluster-up: MLflow pid $MLFLOW_PID, $MLFLOW_URI (store: $BRAINALIGN_HOME/mlruns)"
 echo "cluster-up: state in $STATE; 'source $STATE_DIR/env.sh' to use it."

@@ -31,25 +31,12 @@ def ray_session() -> Iterator[object]:
     """
     import ray
 
+    from brainalign._ray import ensure_ray
+
+    # The platform's own start-up (brainalign._ray: 127.0.0.1 only, dashboard, retried) with
     # address="local": always a fresh in-process cluster, never one that `ray start` (the job
-    # tests, a user's `make cluster-up`) left registered in /tmp/ray. Retried: on a heavily
-    # loaded machine the first start can time out.
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    # tests, a user's `make cluster-up`) left registered in /tmp/ray.
+    ensure_ray(num_cpus=4, address="local")
     yield ray
     ray.shutdown()
 

@@ -138,6 +138,34 @@ def test_chunked_ranks_equal_a_full_sort_across_chunk_borders() -> None:
         assert got[i].item() == expected, (i, target)
 
 
+# --------------------------------------------------------------------------- non-finite embeddings (issue 11)
+def test_nan_queries_score_zero_not_one(caplog: pytest.LogCaptureFixture) -> None:
+    from brainalign.metrics import retrieval_ranks, topk_accuracy
+
+    g = torch.randn(50, 16)
+    nan = torch.full((50, 16), float("nan"))
+    assert topk_accuracy(nan, g) == {"top1": 0.0, "top5": 0.0}  # was 1.0: NaN >= x is False
+    assert topk_accuracy(g.clone(), nan) == {"top1": 0.0, "top5": 0.0}
+    assert topk_accuracy(nan, nan) == {"top1": 0.0, "top5": 0.0}
+    q = torch.full((50, 16), float("inf"))
+    assert retrieval_ranks(q, g, torch.arange(50)).tolist() == [50] * 50
+    assert "not finite" in caplog.text
+
+
+def test_a_nan_gallery_row_never_beats_a_finite_target() -> None:
+    from brainalign.metrics import retrieval_ranks
+
+    g = torch.randn(30, 8)
+    q = g + 0.01 * torch.randn(30, 8)
+    clean = retrieval_ranks(q, g, torch.arange(30), chunk=7, query_chunk=4)
+    bad = g.clone()
+    bad[[3, 11]] = float("nan")
+    ranks = retrieval_ranks(q, bad, torch.arange(30), chunk=7, query_chunk=4)
+    assert ranks[3] == ranks[11] == 30  # their own target cannot be scored
+    keep = [i for i in range(30) if i not in (3, 11)]
+    assert (ranks[keep] <= clean[keep]).all()  # NaN rows are never counted above a target
+
+
 def test_chunked_topk_lists_in_rank_order_with_true_scores() -> None:
     """retrieval_topk over chunks of 7 equals one full sort where the target is demoted below
     its ties (the order retrieval_ranks counts), and reports the target's true similarity."""

@@ -2,7 +2,7 @@
 
 The public surface is small and light: ``import brainalign`` imports neither torch, Ray nor
 MLflow (torch-backed names load on first use; Ray and MLflow live in
-``brainalign.train.runner``, ``brainalign.sweep`` and ``brainalign.tracking``).
+``brainalign.train.runner``, ``brainalign.studies`` and ``brainalign.tracking``).
 """
 
 from typing import Any

@@ -8,12 +8,14 @@ where there is one (MNE's ``_check_option`` / ``_suggest``).
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["BrainalignError", "check_option", "check_range", "check_type", "suggest"]
+__all__ = ["BrainalignError", "check_name", "check_option", "check_range", "check_type", "suggest"]
 
 
 class BrainalignError(ValueError):
@@ -56,15 +58,80 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> float:
-    """Return ``value`` if it lies in the interval; raise showing the interval otherwise."""
-    bad = (
-        (low is not None and (value < low if low_inclusive else value <= low))
-        or (high is not None and (value > high if high_inclusive else value >= high))
-        or value != value  # NaN
+    """Return ``value`` if it is a finite number in the interval; raise showing the interval otherwise.
+
+    NaN and +-inf are always refused, whatever the bounds: no key of brainalign means
+    anything at infinity (``lr=inf`` trains to NaN, ``temperature=inf`` divides by it).
+    """
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    opening = "[" if low_inclusive and low is not None else "("
+    closing = "]" if high_inclusive and high is not None else ")"
+    interval = f"{opening}{lo}, {hi}{closing}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BrainalignError(f"{name} must be a number in {interval}, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value):
+        raise BrainalignError(f"{name} must be a finite number in {interval}, got {value!r}.")
+    bad = (low is not None and (value < low if low_inclusive else value <= low)) or (
+        high is not None and (value > high if high_inclusive else value >= high)
     )
     if bad:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
         raise BrainalignError(f"{name} must be in {interval}, got {value!r}.")
+    return value
+
+
+#: Longest name accepted by :func:`check_name` (a path component; file systems allow 255 bytes).
+NAME_MAX = 128
+_NAME_FORM = (
+    "a plain name: letters, digits, '_', '-' and '.', starting with a letter or digit, "
+    f"at most {NAME_MAX} characters (it becomes a folder name)"
+)
+
+
+def check_name(what: str, value: Any) -> str:
+    """Return ``value`` if it is a plain name that may safely become one path component.
+
+    Study, experiment, run and subject names end up as folder names (``ray_results/<study>``,
+    MLflow artifact roots, ``subject=<id>``). A name that is empty, ``.`` or ``..``, holds a
+    slash, a backslash or a control character, starts with a dot or a dash (hidden files,
+    command-line options) or is over-long could address another folder (``--fresh`` on a
+    study named ``..`` would delete ``$BRAINALIGN_HOME``), so it is refused.
+
+    Parameters
+    ----------
+    what : str
+        What the name is, for the message (``"study name"``, ``"experiment"``).
+    value : str
+        The name.
+
+    Returns
+    -------
+    str
+        ``value`` unchanged.
+
+    Raises
+    ------
+    BrainalignError
+        Naming the value and the allowed form.
+    """
+    if not isinstance(value, str):
+        raise BrainalignError(f"{what} must be a string, got {type(value).__name__} {value!r}; use {_NAME_FORM}.")
+    problem = ""
+    if not value:
+        problem = "it is empty"
+    elif value in (".", ".."):
+        problem = "it names the current or the parent folder"
+    elif "/" in value or "\\" in value:
+        problem = "it holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "it holds a control character"
+    elif value[0] in ".-":
+        problem = f"it starts with {value[0]!r}"
+    elif len(value) > NAME_MAX:
+        problem = f"it is {len(value)} characters long"
+    elif not all(c.isascii() and (c.isalnum() or c in "_-.") for c in value):
+        bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "_-."))})
+        problem = f"it holds {''.join(bad)!r}"
+    if problem:
+        raise BrainalignError(f"{what} {value!r} is not allowed ({problem}); use {_NAME_FORM}.")
     return value

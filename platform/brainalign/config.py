@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ._checks import BrainalignError, check_option, check_range, check_type
+from ._checks import BrainalignError, check_name, check_option, check_range, check_type
 from .paths import resolve
 
 __all__ = ["DataConfig", "EvaluationConfig", "TrainConfig", "load_config", "parse_overrides"]
@@ -67,6 +67,16 @@ class DataConfig:
         check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.5, low_inclusive=False)
         if not self.subjects:
             raise BrainalignError("data.subjects must name at least one training subject.")
+        for key in ("subjects", "test_subjects"):
+            ids = getattr(self, key)
+            for sid in ids:
+                check_name(f"data.{key} entry", sid)
+            dups = sorted({s for s in ids if ids.count(s) > 1})
+            if dups:
+                raise BrainalignError(
+                    f"data.{key} lists {dups} more than once ({','.join(ids)}); name each subject once "
+                    "(a repeated subject would be weighted twice)."
+                )
         if self.image_table.count(":") != 1 or not all(self.image_table.split(":")):
             raise BrainalignError(
                 f"data.image_table must be 'backbone:alignment' (e.g. 'sim-clip:simulated'), "
@@ -139,6 +149,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
+    shuffle_buffer_mb: float = 1024.0  # a Train worker's local shuffle buffer (train/ray_worker.py)
     experiment: str = "brainalign"
     run_name: str = ""
 
@@ -161,9 +172,27 @@ class TrainConfig:
                         low=1.0 / MAX_LOGIT_SCALE)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
         check_range("torch_threads", self.torch_threads, low=0)
+        check_range("shuffle_buffer_mb", self.shuffle_buffer_mb, low=0.0, low_inclusive=False)
         check_option("select_metric", self.select_metric, SELECT_METRICS)
+        check_name("experiment", self.experiment)  # an MLflow experiment: a folder of artifacts
+        if self.run_name:
+            check_name("run_name", self.run_name)
         if self.batch_size < 2:
             raise BrainalignError("batch_size must be >= 2: InfoNCE needs in-batch negatives.")
+        if self.batch_size % self.num_workers:
+            lower = self.batch_size - self.batch_size % self.num_workers
+            options = [b for b in (lower, lower + self.num_workers) if b >= 2]
+            raise BrainalignError(
+                f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: batch_size is "
+                f"the global batch (the loss sees all of it) and each of the {self.num_workers} workers encodes "
+                f"batch_size / num_workers rows per step. Use batch_size={' or '.join(map(str, options))}, or "
+                f"another num_workers."
+            )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as its flat view: plain pickle works (the arch mapping is read-only) and
+        # the process that unpickles it (a Ray worker) validates it again
+        return (_from_flat, (self.to_flat(),))
 
     # ----------------------------------------------------------------- flat view
     def to_flat(self) -> dict[str, Any]:
@@ -219,6 +248,10 @@ class TrainConfig:
     @property
     def embeddings_dir(self) -> Path:
         return Path(self.data.embeddings_dir) if self.data.embeddings_dir else Path(self.data.path) / "embeddings"
+
+
+def _from_flat(flat: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig.from_flat(flat)
 
 
 def _defaults_flat() -> dict[str, Any]:
@@ -293,7 +326,15 @@ def flatten_toml(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Config from an optional TOML file (its ``[config]`` table, or the whole file) plus overrides."""
+    """Config from an optional TOML file (its ``[config]`` table, or the whole file) plus overrides.
+
+    Raises
+    ------
+    BrainalignError
+        The file is missing or not TOML; it is a study file (``[study]``: run it with
+        ``brainalign study run``); it has keys or tables next to a ``[config]`` table (they
+        would be silently ignored); or any key or value is invalid.
+    """
     flat: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -303,6 +344,21 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             doc = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise BrainalignError(f"Config file {p} is not valid TOML: {e}.") from e
+        if "study" in doc:
+            raise BrainalignError(
+                f"{p} is a study file (it has a [study] table), not a train config: run it with "
+                f"`brainalign study run {p}`. "
+                "`brainalign train --config` reads a [config] table or top-level TrainConfig keys."
+            )
+        if "config" in doc:
+            others = sorted(k for k in doc if k != "config")
+            if others:
+                raise BrainalignError(
+                    f"{p}: {others} stand next to the [config] table and would be ignored; move them into "
+                    "[config] (e.g. `epochs = 1` under [config], `[config.data]` for data keys) or remove them."
+                )
+            if not isinstance(doc["config"], Mapping):
+                raise BrainalignError(f"{p}: 'config' must be a table ([config]), got {doc['config']!r}.")
         flat = flatten_toml(doc.get("config", doc))
     flat |= dict(overrides or {})
     return TrainConfig.from_flat(flat)

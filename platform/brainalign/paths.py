@@ -7,9 +7,19 @@ the package asks this module and never builds a store path itself.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KNOWN_ENV", "cache_dir", "home", "mlflow_tracking_uri", "ray_storage", "resolve", "weights_dir"]
+__all__ = [
+    "KNOWN_ENV",
+    "Locations",
+    "cache_dir",
+    "home",
+    "mlflow_tracking_uri",
+    "ray_storage",
+    "resolve",
+    "weights_dir",
+]
 
 KNOWN_ENV: dict[str, str] = {
     "BRAINALIGN_HOME": "root for local stores: data/, mlruns/, ray_results/, cache/ (default: cwd)",
@@ -57,3 +67,32 @@ def weights_dir() -> Path | None:
     never downloaded, the user names where they are)."""
     value = os.environ.get("BRAINALIGN_WEIGHTS")
     return resolve(value) if value else None
+
+
+@dataclass(frozen=True)
+class Locations:
+    """The stores one run uses, resolved once in the driver and handed to Ray processes.
+
+    A Tune trial or a Train worker never reads these variables from its own environment (a
+    long-running cluster may have been started with another ``$BRAINALIGN_HOME``, and Tune
+    runs trials in their own working directories): the driver resolves them here and they
+    travel with the run. On a cluster they must name shared storage.
+
+    Parameters
+    ----------
+    cache : str
+        Prepared training data and validation markers (:func:`cache_dir`).
+    ray_storage : str
+        Ray Train/Tune ``storage_path`` (:func:`ray_storage`).
+    tracking_uri : str
+        MLflow tracking URI (:func:`mlflow_tracking_uri`).
+    """
+
+    cache: str
+    ray_storage: str
+    tracking_uri: str
+
+    @classmethod
+    def current(cls) -> Locations:
+        """The locations this process's environment names (all absolute)."""
+        return cls(cache=str(cache_dir()), ray_storage=str(ray_storage()), tracking_uri=mlflow_tracking_uri())

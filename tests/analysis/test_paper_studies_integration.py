@@ -1,10 +1,11 @@
 """The MEG and fMRI study files end to end at smoke size, then image grids and explain on them.
 
-Each study of ``jobs/`` runs through the real sweep (Ray Tune + Optuna + Ray Train + MLflow) with
-1 subject, 1 search trial of 1 epoch and 1 final seed per arm, on a shrunken simulation of its
-preset (same sensors / voxel model and design, fewer images). The MEG study asks for the
-test+train gallery; the report must carry both n-ways. Then ``brainalign grids`` and
-``brainalign explain`` run on the finished study through their CLI.
+Each study of ``jobs/`` runs through the study engine (Ray Tune + Optuna + Ray Train + MLflow)
+with 1 subject, 1 search trial of 1 epoch and 1 final seed per arm, on a shrunken simulation of
+its preset (same sensors / voxel model and design, fewer images). The MEG study asks for the
+test+train gallery (the report must carry both n-ways) and, as the study files do, for
+``[study] explain`` and ``grids``: their artifacts are on the study run and in the report. Then
+``brainalign grids`` and ``brainalign explain`` run again on the finished study through the CLI.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def paper_home(ray_session: object, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _run(name: str, home: Path) -> Any:
-    from brainalign.sweep import load_study, run_study
+    from brainalign.studies import load_study, run_study
 
-    study = load_study(smoke_study(name, home))
-    return SimpleNamespace(study=study, outcome=run_study(study, verbose=0))
+    study = load_study(smoke_study(name, home), ["study.grids=2"])
+    assert study.explain, f"jobs/{name} asks for the gradient analysis of its finals"
+    return SimpleNamespace(study=study, outcome=run_study(study, live=False))
 
 
 # one fixture per study: each study's set-up counts against the first test that uses it
@@ -94,11 +96,11 @@ def test_meg_study_reports_both_n_ways(meg: Any, home: Path) -> None:
     n_gallery = 10 + 12 * 12  # the test images and every training image of the smoke simulation
     assert [s.metric for s in rep.stats] == ["test_top1", "test_top5", f"test_top1_{n_gallery}way",
                                              f"test_top5_{n_gallery}way"]
-    assert "top-1 (154-way)" in rep.markdown
+    assert "top-1 (154-way)" in rep.markdown and "| top-1 |" in rep.markdown
     for s in rep.stats:
         assert 0 <= s.aligned_subject_mean <= 1 and s.chance == pytest.approx(
             (5 if "top5" in s.metric else 1) / (n_gallery if "way" in s.metric else 10))
-    finals = [r for r in tracking.find_runs("meg-mini", {"role": "final"}) if r.status == "FINISHED"]
+    finals = tracking.children(meg.outcome.study_run_id, tags={"role": "final"}, status="FINISHED")
     assert len(finals) == 2
     for f in finals:
         assert f.metrics["test_n_way"] == 10 and f"test_top1_{n_gallery}way" in f.metrics
@@ -106,11 +108,27 @@ def test_meg_study_reports_both_n_ways(meg: Any, home: Path) -> None:
         assert _artifacts(f.run_id, "retrieval") == {"test_rankings.csv", f"test_rankings_{n_gallery}way.csv"}
 
 
+def test_meg_study_runs_its_analyses(meg: Any, home: Path) -> None:
+    """``[study] explain = true`` and ``grids``: figures and tables on the study run, in the report."""
+    study_run = meg.outcome.study_run_id
+    names = {"temporal.png", "spectral.png", "spatial.png", "stats.csv", "stats.json", "runs.csv", "explain.md"}
+    assert _artifacts(study_run, "explain") == names
+    assert _artifacts(study_run, "grids") == {"grids_test.png", "grids_test+train.png"}
+    for f in meg.outcome.report.rows:  # every tested run has its own tables
+        assert {"summary.json", "temporal.csv", "bands.csv", "channels.csv"} <= _artifacts(f.run_id, "explain")
+    table = (home / "reports" / "meg-mini" / "table.md").read_text()
+    assert "## Gradient analysis" in table and "](explain/temporal.png)" in table and "](grids/grids_test.png)" in table
+    for rel in ("explain/temporal.png", "explain/spatial.png", "grids/grids_test+train.png"):
+        assert (home / "reports" / "meg-mini" / rel).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_fmri_study_is_1000_way_shaped(fmri: Any, home: Path) -> None:
     rep = fmri.outcome.report
     assert [s.metric for s in rep.stats] == ["test_top1", "test_top5"]
     assert all(s.chance == pytest.approx((5 if "top5" in s.metric else 1) / 20) for s in rep.stats)
-    assert (home / "reports" / "fmri-mini" / "table.md").is_file()
+    table = (home / "reports" / "fmri-mini" / "table.md").read_text()
+    assert "## Gradient analysis" in table and "](explain/spatial.png)" in table  # voxels: the spatial view
+    assert "explain/temporal.png" not in table
 
 
 def test_grids_from_the_finished_study(meg: Any, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,8 +139,7 @@ def test_grids_from_the_finished_study(meg: Any, home: Path, capsys: pytest.Capt
     assert "test gallery (10-way)" in out and "test+train gallery (154-way)" in out
     files = {p.name for p in (home / "reports" / "meg-mini" / "grids").iterdir()}
     assert files == {"grids_test.png", "grids_test+train.png"}
-    report_run = meg.outcome.parent_run_id
-    assert _artifacts(report_run, "grids") == files
+    assert _artifacts(meg.outcome.study_run_id, "grids") == files
     assert main(["grids", "--study", "meg-mini", "--queries", "te99999"]) == 2  # a clear error, no traceback
     assert "not test images of both runs" in capsys.readouterr().err
 
@@ -131,14 +148,14 @@ def test_explain_the_finished_studies(meg: Any, fmri: Any, home: Path) -> None:
     from brainalign import tracking
     from brainalign.analysis.explain import explain_study
 
-    res = explain_study("meg-mini", ig_steps=4)
+    res = explain_study("meg-mini", ig_steps=4)  # by name: the newest finished study run
     assert {r.arm for r in res.runs} == {"aligned", "base"} and all(set(r.views) == {"gradcam", "ig"} for r in res.runs)
     for r in res.runs:
         v = r.views["ig"]
         assert v.channels is not None and len(v.channels) == 271 and len(v.times) == 101
         assert "explain/summary.json" in {p for p in tracking.list_artifacts(r.run_id, "explain")}
     names = {"temporal.png", "spectral.png", "spatial.png", "stats.csv", "stats.json", "runs.csv", "explain.md"}
-    assert set(res.files) == names and _artifacts(meg.outcome.parent_run_id, "explain") == names
+    assert set(res.files) == names and _artifacts(meg.outcome.study_run_id, "explain") == names
     assert set(res.stats) == {"nice x sim-clip / gradcam", "nice x sim-clip / ig"}
     assert all(r["n"] == 1 for rows_ in res.stats.values() for r in rows_)  # one subject: no test, n = 1
     table = (home / "reports" / "meg-mini" / "table.md").read_text()

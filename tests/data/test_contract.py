@@ -54,7 +54,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
 def test_existing_dataset_is_not_replaced_by_accident(tmp_path: Path) -> None:
     root = write_toy_dataset(tmp_path / "toy", n_train_concepts=2, n_test=2)
     before = (root / "dataset.json").read_text()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(BrainalignError, match="already exists; refusing to overwrite"):
         with DatasetWriter(root, _meta()) as w:
             w.write_catalog(["i1"], ["c"], ["train"])
     assert (root / "dataset.json").read_text() == before

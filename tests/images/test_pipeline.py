@@ -136,20 +136,18 @@ def test_corrupt_image_fails_with_its_path_or_is_skipped_and_reported(
         embed_catalog(cat, "tiny-clip:none", tmp_path / "t", weights=tiny_weights)
 
 
-def test_missing_image_fails_before_compute(
-    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_image_fails_before_compute(tiny_weights: Path, tmp_path: Path) -> None:
     import brainalign.images.pipeline as pipeline
 
     cat = make_catalog(tmp_path, n_synthetic=0)
     (tmp_path / "imgs" / "logo2.png").unlink()
-    monkeypatch.setattr(
-        pipeline, "ensure_ray", lambda: (_ for _ in ()).throw(AssertionError("compute started"))
-    )
+    connected: list[bool] = []  # the pipeline's own hook for "compute starts now"
     with pytest.raises(
         BrainalignError, match=r"1 image\(s\) are missing:\n  .*imgs/logo2.png \(image_id img02\)"
     ):
-        pipeline.embed_catalog(cat, "tiny-clip:none", tmp_path / "t", weights=tiny_weights)
+        pipeline.embed_catalog(cat, "tiny-clip:none", tmp_path / "t", weights=tiny_weights,
+                               connect=lambda: connected.append(True))
+    assert not connected and not list(tmp_path.glob("t/*.parquet"))
 
 
 def test_catalog_without_paths_says_how_to_get_images(

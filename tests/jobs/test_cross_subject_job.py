@@ -3,209 +3,47 @@
 The integration tests start a Ray head and an MLflow server with ``scripts/cluster_up.sh`` on
 free ports (their own Ray temp dir, so they coexist with the session's in-process Ray), submit
 ``jobs/cross_subject.py`` with the real ``ray job submit`` CLI, read the result back from the
-MLflow server and always stop the cluster with ``scripts/cluster_down.sh``. The other tests
-exercise the study file, the statistics, the report and the stop handler in-process.
+MLflow server and always stop the cluster with ``scripts/cluster_down.sh``. The study file,
+the plan, the report and the stop guard are tested in-process in ``tests/studies``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "cross_subject.py"
-STUDY = ROOT / "jobs" / "cross_subject_mini.toml"
 BIN = Path(sys.executable).parent
-# Tiny on purpose: 2 subjects x 1 pair x 2 arms x 1 seed = 4 runs of 1 epoch.
-TINY_ARGS = ["--seeds", "1", "--set", "epochs=1", "--set", "batch_size=16", "--set", "num_workers=1"]
 
 
-def _load_job() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cross_subject_job", JOB)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
+def _tiny(dataset: Path, name: str, *extra: str) -> list[str]:
+    """Tiny on purpose: 2 subjects x 1 pair x 2 arms x 1 seed = 4 runs of 1 epoch."""
+    sets = [f"study.name={name}", f"study.experiment={name}", f"study.dataset={dataset}",
+            'study.subjects=["01", "02"]', "study.final_seeds=[1]", "study.max_epochs=1", "batch_size=16",
+            "study.simulate.preset=tiny", *extra]
+    return [a for s in sets for a in ("--set", s)]
 
 
-job = _load_job()
-
-
-# --------------------------------------------------------------------------- in-process
-def test_paired_stats_match_scipy() -> None:
-    from scipy import stats
-
-    a, b = [0.30, 0.25, 0.40, 0.35], [0.20, 0.22, 0.31, 0.30]
-    s = job.paired_stats(a, b)
-    ref = stats.ttest_rel(a, b)
-    assert s.n == 4 and s.t == pytest.approx(ref.statistic) and s.p_t == pytest.approx(ref.pvalue)
-    assert s.mean_a == pytest.approx(0.325) and s.mean_diff == pytest.approx(0.0675)
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    sem = stats.sem(d)
-    assert s.sem_diff == pytest.approx(sem)
-    same = job.paired_stats([0.30, 0.25], [0.25, 0.20])  # equal differences up to float noise
-    assert math.isnan(same.t) and math.isnan(same.p_t) and same.mean_diff == pytest.approx(0.05)
-    assert any("constant differences" in n for n in same.notes)
-    one = job.paired_stats([0.3], [0.2])
-    assert one.n == 1 and math.isnan(one.p_t) and math.isnan(one.sem_a)
-
-
-def _study(tiny: Path, **kw: Any) -> Any:
-    return job.load_study(STUDY, data=str(tiny), sets=["epochs=1"], seeds="1", **kw)
-
-
-def test_load_study_resolves_and_plans(tiny_dataset: Path) -> None:
-    st = _study(tiny_dataset)
-    assert st.subjects == ("01", "02") and st.seeds == (1,) and st.n_runs == 4
-    assert st.pairs == (("sim-clip:simulated", "sim-clip:none"),)
-    cfg = st.run_config("02", "sim-clip:none", 1)
-    assert cfg.data.subjects == ("01",) and cfg.data.test_subjects == ("02",)
-    assert cfg.data.cross_subject and cfg.data.image_table == "sim-clip:none" and cfg.seed == 1
-    assert Path(cfg.data.path).is_absolute() and cfg.epochs == 1
-
-
-def test_load_study_rejects_bad_input_before_running(tiny_dataset: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text('[study]\nseed = [1]\n')
-    with pytest.raises(job.BrainalignError, match="Did you mean 'seeds'"):
-        job.load_study(bad, data=str(tiny_dataset))
-    with pytest.raises(job.BrainalignError, match="at least 2 subjects"):
-        _study(tiny_dataset, subjects="01")
-    with pytest.raises(job.BrainalignError, match="Did you mean 'sim-clip:simulated'"):
-        _study(tiny_dataset, pairs=["sim-clip:simulatd,sim-clip:none"])
-    with pytest.raises(job.BrainalignError, match=r"must be \[aligned, base\]"):
-        _study(tiny_dataset, pairs=["sim-clip:simulated"])
-    # inside a Ray job, a missing BRAINALIGN_HOME would put the stores in the job's temp copy
-    monkeypatch.setenv(job.RAY_JOB_ENV, "{}")
-    monkeypatch.delenv("BRAINALIGN_HOME")
-    with pytest.raises(job.BrainalignError, match="BRAINALIGN_HOME must be an absolute path"):
-        _study(tiny_dataset)
-
-
-def test_study_simulates_a_missing_dataset(tmp_path: Path) -> None:
-    """A fresh clone has no data: a study with `simulate` creates data.path first (validated
-    before, so a typo costs nothing); an existing dataset is used as it is."""
-    doc = STUDY.read_text().replace('simulate = { preset = "mini", seed = 0 }',
-                                    'simulate = { preset = "tiny", seed = 0 }')
-    assert 'preset = "tiny"' in doc
-    study = tmp_path / "xs.toml"
-    study.write_text(doc)
-    target = tmp_path / "sim"
-    st = job.load_study(study, data=str(target), seeds="1")
-    assert (target / "dataset.json").is_file() and st.subjects == ("01", "02")
-    before = (target / "dataset.json").stat().st_mtime_ns
-    job.load_study(study, data=str(target), seeds="1")
-    assert (target / "dataset.json").stat().st_mtime_ns == before
-    study.write_text(doc.replace('preset = "tiny"', 'preset = "tinny"'))
-    with pytest.raises(job.BrainalignError, match="Did you mean 'tiny'"):
-        job.load_study(study, data=str(tmp_path / "never"), seeds="1")
-    assert not (tmp_path / "never").exists()
-
-
-def test_report_table_and_tests(tiny_dataset: Path) -> None:
-    st = _study(tiny_dataset, subjects="01,02")
-    rows = [job.RunRow(s, 0, arm, "t", 1, top1, top1 + 0.2, 20, 0, f"r{s}{arm}")
-            for s, arm, top1 in [("01", "aligned", 0.30), ("01", "base", 0.20),
-                                 ("02", "aligned", 0.25), ("02", "base", 0.22)]]
-    rep = job.build_report(st, rows)
-    assert "| sub-01 | 1 | 30.0 | 20.0 | +10.0 |" in rep.markdown
-    assert "mean ± s.e.m.** (n=2)" in rep.markdown and "Paired t-test across subjects" in rep.markdown
-    assert rep.metrics["xs_top1_aligned_mean"] == pytest.approx(0.275)
-    assert rep.metrics["xs_top1_diff_mean"] == pytest.approx(0.065)
-    assert "xs_top1_ttest_p" in rep.metrics
-    assert rep.subjects_csv.splitlines()[0].startswith("pair,aligned_table,base_table,subject")
-    assert len(rep.runs_csv.splitlines()) == 1 + 4
-    partial = job.build_report(st, rows[:1], partial=True)
-    assert "PARTIAL" in partial.markdown and "| sub-02 | – |" in partial.markdown
-
-
-@pytest.mark.integration  # a real (SQLite) MLflow store: tens of seconds on a busy machine
-def test_stop_guard_marks_runs_killed(tmp_path: Path) -> None:
-    """SIGTERM in-process: the child and the parent end KILLED, and JobStopped unwinds."""
-    from mlflow.tracking import MlflowClient
-
-    from brainalign import tracking
-
-    uri = tracking.tracking_uri()  # sqlite under the test's BRAINALIGN_HOME
-    parent = tracking.start_run("xs-guard", run_name="p", uri=uri)
-    child = tracking.start_run("xs-guard", run_name="c", parent_run_id=parent, uri=uri)
-    other = tracking.start_run("xs-guard", run_name="unrelated", uri=uri)
-    guard = job.StopGuard(uri)
-    guard.parent = parent
-    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        guard.install()
-        with pytest.raises(job.JobStopped, match="SIGTERM"):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises here
-    finally:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
-    client = MlflowClient(uri)
-    assert client.get_run(child).info.status == "KILLED"
-    assert client.get_run(parent).info.status == "KILLED"
-    assert client.get_run(other).info.status == "RUNNING"  # not ours: untouched
-    with pytest.raises(job.JobStopped):
-        guard.check()
-
-
-@pytest.mark.integration
-def test_config_from_run_takes_hyperparameters_only(tiny_dataset: Path) -> None:
-    from brainalign import tracking
-    from brainalign.config import TrainConfig
-
-    uri = tracking.tracking_uri()
-    src = TrainConfig().with_overrides({"lr": 3e-4, "temperature": 0.07, "seed": 99, "num_workers": 3,
-                                        "data.path": "/elsewhere", "data.image_table": "x:y"})
-    run = tracking.start_run("xs-src", run_name="best", uri=uri)
-    tracking.log_dict(run, src.to_flat(), "config/resolved_config.json", uri=uri)
-    tracking.end_run(run, uri=uri)
-    st = _study(tiny_dataset, from_run=run, uri=uri)
-    assert (st.base.lr, st.base.temperature) == (3e-4, 0.07)
-    assert st.base.data.path == str(tiny_dataset) and st.base.num_workers == 1 and st.config_from_run == run
-    assert st.base.epochs == 1  # --set wins over the run
-    with pytest.raises(job.BrainalignError, match="config_from_run"):
-        _study(tiny_dataset, from_run="0" * 32, uri=uri)
-
-
-def test_config_from_sweep_gives_each_arm_its_own_best_config(tiny_dataset: Path) -> None:
-    """A sweep's tree (parent -> one search per table, each with best_config.json): each
-    table's runs take their own search's config; --set still wins; bad ids fail early."""
-    from brainalign import tracking
-
-    uri = tracking.tracking_uri()
-    parent = tracking.start_run("xs-sweep", run_name="study-x", tags={"role": "report"}, uri=uri)
-    for table, lr, temp in (("sim-clip:simulated", 3e-4, 0.05), ("sim-clip:none", 7e-4, 0.09)):
-        child = tracking.start_run("xs-sweep", run_name=table, parent_run_id=parent, uri=uri,
-                                   tags={"role": "search", "brain_encoder": "nice", "image_table": table})
-        tracking.log_dict(child, {"lr": lr, "temperature": temp, "seed": 5, "epochs": 9},
-                          "best_config.json", uri=uri)
-        tracking.end_run(child, uri=uri)
-    tracking.end_run(parent, uri=uri)
-    st = _study(tiny_dataset, from_sweep=parent, uri=uri)  # _study sets epochs=1, seeds=1
-    aligned, base = st.run_config("02", "sim-clip:simulated", 1), st.run_config("02", "sim-clip:none", 1)
-    assert (aligned.lr, aligned.temperature, base.lr, base.temperature) == (3e-4, 0.05, 7e-4, 0.09)
-    assert aligned.seed == base.seed == 1 and aligned.epochs == base.epochs == 1  # seed never, --set wins
-    assert st.config_from_sweep == parent
-    with pytest.raises(job.BrainalignError, match="no finished search"):
-        _study(tiny_dataset, from_sweep=tracking.start_run("xs-sweep", run_name="lonely", uri=uri), uri=uri)
-    with pytest.raises(job.BrainalignError, match="not both"):
-        _study(tiny_dataset, from_sweep=parent, from_run=parent, uri=uri)
+def test_job_script_is_a_thin_entry_point(tiny_dataset: Path) -> None:
+    """It runs `brainalign study` for cross-subject studies only; --dry-run checks and plans."""
+    assert len(JOB.read_text().splitlines()) < 60
+    res = subprocess.run([sys.executable, str(JOB), "--study", "jobs/cross_subject_mini.toml", "--dry-run",
+                          *_tiny(tiny_dataset, "xs-dry")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 held-out subjects x 2 arms x 1 seeds = 4 runs" in res.stdout and "check out" in res.stdout
+    res = subprocess.run([sys.executable, str(JOB), "--study", "jobs/mini_study.toml", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Invalid study kind" in res.stderr, res.stderr[-3000:]
 
 
 def test_cluster_up_refuses_token_mode_without_a_token_and_a_used_temp_dir(tmp_path: Path) -> None:
@@ -330,11 +168,11 @@ def test_cross_subject_job_on_real_cluster(cluster: dict[str, str], tiny_dataset
     from mlflow.tracking import MlflowClient
 
     t0 = time.monotonic()
-    res = _submit(cluster, "xs-ok", ["--data", str(tiny_dataset), "--experiment", "xs-it", *TINY_ARGS], wait=True)
+    res = _submit(cluster, "xs-ok", ["--quiet", *_tiny(tiny_dataset, "xs-it")], wait=True)
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     out = res.stdout
-    assert "mean ± s.e.m." in out and "Paired t-test across subjects" in out, out[-4000:]
+    assert "mean ± s.e.m." in out and "two-sided paired t-test" in out, out[-4000:]
     uri = cluster["MLFLOW_TRACKING_URI"]
     parent, kids = _runs(uri, "xs-it")
     assert parent.info.status == "FINISHED"
@@ -347,19 +185,21 @@ def test_cross_subject_job_on_real_cluster(cluster: dict[str, str], tiny_dataset
         assert t["backbone"] == "sim-clip" and t["alignment"] in ("simulated", "none")
         assert t["test_subjects"] == t["subject"] and t["subjects"] == ({"01", "02"} - {t["subject"]}).pop()
         assert f"test_top1_sub-{t['subject']}" in k.data.metrics
+        assert "system/cpu_utilization_percentage" in k.data.metrics
         seen.add((t["subject"], t["alignment"]))
     assert seen == {(s, a) for s in ("01", "02") for a in ("simulated", "none")}
     # (tests may be undefined on 2 subjects x 1 epoch, e.g. identical differences: not asserted)
-    for key in ("xs_top1_aligned_mean", "xs_top1_base_mean", "xs_top5_diff_mean", "xs_n_subjects"):
-        assert key in parent.data.metrics, key
+    for key in ("aligned_mean", "base_mean", "diff_mean", "n_subjects"):
+        assert f"nice.sim-clip.test_top1.{key}" in parent.data.metrics, key
     client = MlflowClient(uri)
-    md = Path(client.download_artifacts(parent.info.run_id, "report/cross_subject.md", str(tmp_path))).read_text()
+    md = Path(client.download_artifacts(parent.info.run_id, "report/table.md", str(tmp_path))).read_text()
     assert "| sub-01 |" in md and "| sub-02 |" in md and "PARTIAL" not in md
-    rows = Path(client.download_artifacts(parent.info.run_id, "report/cross_subject.csv", str(tmp_path)))
+    assert parent.data.tags["mlflow.note.content"].endswith(md)
+    rows = Path(client.download_artifacts(parent.info.run_id, "report/subjects.csv", str(tmp_path)))
     assert len(rows.read_text().splitlines()) == 1 + 2
     # artifacts went through the server to BRAINALIGN_HOME, never into the job's temp working copy
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
-    assert list((Path(cluster["BRAINALIGN_HOME"]) / "mlruns" / "artifacts").rglob("cross_subject.md"))
+    assert list((Path(cluster["BRAINALIGN_HOME"]) / "mlruns" / "artifacts").rglob("table.md"))
     sys.stderr.write(f"\n[cross-subject job: 4 runs in {took:.0f} s]\n")
 
 
@@ -369,8 +209,7 @@ def test_stopped_job_leaves_runs_killed(cluster: dict[str, str], tiny_dataset: P
     from mlflow.tracking import MlflowClient
 
     uri = cluster["MLFLOW_TRACKING_URI"]
-    args = ["--data", str(tiny_dataset), "--experiment", "xs-stop", "--seeds", "1", "--set", "epochs=500",
-            "--set", "patience=500", "--set", "batch_size=16"]
+    args = _tiny(tiny_dataset, "xs-stop", "study.max_epochs=500", "patience=500")
     res = _submit(cluster, "xs-stop", args, wait=False, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     client = MlflowClient(uri)
@@ -396,7 +235,7 @@ def test_stopped_job_leaves_runs_killed(cluster: dict[str, str], tiny_dataset: P
     assert client.get_run(child.info.run_id).info.status == "KILLED"
     assert "received SIGTERM" in logs
     # what finished before the stop is kept: a partial report on the parent
-    md = MlflowClient(uri).download_artifacts(parent.info.run_id, "report/cross_subject.md", str(tmp_path))
+    md = MlflowClient(uri).download_artifacts(parent.info.run_id, "report/table.md", str(tmp_path))
     assert "PARTIAL" in Path(md).read_text()
 
 

@@ -9,7 +9,15 @@ import torch
 from brainalign import TrainConfig
 from brainalign.config import DataConfig
 from brainalign.data.contract import open_dataset, read_embedding_table
-from brainalign.train.loop import EarlyStopping, build_run, cosine_lr, evaluate, train_one_epoch
+from brainalign.train.loop import (
+    EarlyStopping,
+    build_run,
+    cosine_lr,
+    encode_batches,
+    evaluate,
+    evaluate_embeddings,
+    train_one_epoch,
+)
 
 
 def test_cosine_schedule_over_epochs_with_warmup() -> None:
@@ -135,6 +143,51 @@ def test_learned_temperature_stays_equal_across_data_parallel_workers(tmp_path: 
     mp.spawn(ddp_temperature_step, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     t0, t1 = (float((tmp_path / f"rank-{r}.txt").read_text()) for r in range(2))
     assert t0 == t1 and t0 != pytest.approx(0.1)
+
+
+def test_streamed_validation_equals_the_in_memory_one(tmp_path: Path) -> None:
+    """The Train worker's streamed validation (chunks of rows in, only embeddings kept) gives the
+    metrics of ``evaluate`` on the whole set: bit for bit with the worker's 512-row chunks (the
+    same forward calls as ``encode``), to float rounding with any other chunking."""
+    from brainalign.testing import write_toy_dataset
+    from brainalign.train.ray_worker import VAL_CHUNK
+
+    root = write_toy_dataset(tmp_path / "toy", subjects=("01",), n_train_concepts=10, n_test=4, noise=0.3)
+    _, run = _fit(root, 1)
+    x, idx, _ = _toy_tensors(root)
+    x = torch.cat([x] * 20)[:1100]  # more than two chunks
+    idx = torch.cat([idx] * 20)[:1100]
+    whole = evaluate(run, x, idx, None)
+
+    def chunks(n: int) -> list[dict[str, torch.Tensor]]:
+        return [{"epoch": x[s : s + n], "image_index": idx[s : s + n]} for s in range(0, len(x), n)]
+
+    assert VAL_CHUNK == 512
+    z, ii = encode_batches(run, chunks(VAL_CHUNK))
+    assert z.shape == (1100, run.image_emb.shape[1]) and torch.equal(ii, idx)
+    assert evaluate_embeddings(run, z, ii) == whole
+    other = evaluate_embeddings(run, *encode_batches(run, chunks(37)))
+    assert other["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    assert (other["val_top1"], other["val_top5"]) == (whole["val_top1"], whole["val_top5"])
+    empty_z, empty_i = encode_batches(run, [])
+    assert empty_z.shape == (0, run.image_emb.shape[1]) and empty_i.numel() == 0
+
+
+def test_shuffle_buffer_is_bounded_in_bytes_not_rows() -> None:
+    from brainalign import BrainalignError
+    from brainalign.train.ray_worker import shuffle_buffer_rows
+
+    row = 63 * 250 * 4  # a full-size EEG row (63 KB)
+    cfg = TrainConfig(shuffle_buffer_mb=256)
+    # Ray's buffer peaks at ~3.5x its minimum fill: the minimum is a quarter of the budget
+    assert shuffle_buffer_rows(cfg, row, 10**6, 128) == 64 * 2**20 // row  # 1,065 rows, whatever the data
+    assert shuffle_buffer_rows(cfg, row, 700, 128) == 700  # all rows when they fit
+    assert shuffle_buffer_rows(cfg, 10 * 2**20, 10**6, 32) == 4 * 32  # at least 4 batches
+    # the default (1 GiB) bounds one full-size subject (14,886 rows) and four (59,544) alike
+    assert shuffle_buffer_rows(TrainConfig(), row, 14_886, 128) == shuffle_buffer_rows(TrainConfig(), row, 59_544, 128)
+    assert 3.5 * shuffle_buffer_rows(TrainConfig(), row, 59_544, 128) * row <= 2**30
+    with pytest.raises(BrainalignError, match="shuffle_buffer_mb"):
+        TrainConfig(shuffle_buffer_mb=0)
 
 
 def test_validation_loss_does_not_depend_on_the_trial_batch_size(tmp_path: Path) -> None:

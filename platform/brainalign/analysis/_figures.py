@@ -133,7 +133,7 @@ def study_figures(runs: Sequence[Any], stats: Mapping[str, list[dict[str, Any]]]
             ax.legend(frameon=False, fontsize=7)
         fig.tight_layout()
         files["temporal.png"] = out / "temporal.png"
-        fig.savefig(files["temporal.png"], dpi=90)
+        _save(fig, files["temporal.png"])
         plt.close(fig)
 
         # spectral: App. G.2 normalized periodogram energy per band
@@ -169,7 +169,7 @@ def study_figures(runs: Sequence[Any], stats: Mapping[str, list[dict[str, Any]]]
                  "test across subjects, Holm over the measures)", fontsize=7)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         files["spectral.png"] = out / "spectral.png"
-        fig.savefig(files["spectral.png"], dpi=90)
+        _save(fig, files["spectral.png"])
         plt.close(fig)
 
     spatial = [g for g in groups if any("ig" in r.views and r.views["ig"].channels is not None for r in runs
@@ -203,6 +203,14 @@ def study_figures(runs: Sequence[Any], stats: Mapping[str, list[dict[str, Any]]]
         fig.suptitle("Integrated gradients: share of attribution per channel (mean over runs)", fontsize=9)
         fig.tight_layout()
         files["spatial.png"] = out / "spatial.png"
-        fig.savefig(files["spatial.png"], dpi=90)
+        _save(fig, files["spatial.png"])
         plt.close(fig)
     return files
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure as PNG atomically (temp file, then rename)."""
+    from .._io import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")

@@ -141,36 +141,54 @@ def load_model(fr: FinishedRun, device: torch.device | str = "cpu") -> LoadedMod
 
 @dataclass(frozen=True)
 class StudyRuns:
-    """The latest finished study run of a study (its report run) and its final runs."""
+    """A study run (``role=report``) and the finished tested runs under it."""
 
     name: str
     report: tracking.RunRecord
     finals: list[tracking.RunRecord]
 
 
-def study_runs(name: str, uri: str | None = None) -> StudyRuns:
-    """The newest FINISHED report run of study ``name`` and the finals under it.
+def study_runs(name: str, uri: str | None = None, *, experiment: str | None = None,
+               study_run_id: str | None = None) -> StudyRuns:
+    """The study run of study ``name`` and its FINISHED tested runs (``role=final``).
 
-    Finals are found through the run tree (report run -> search runs -> finals), so the finals
-    of an earlier sweep of the same study (``--fresh``) are not mixed in.
+    Parameters
+    ----------
+    name : str
+        The study's ``[study] name`` (the ``study`` tag of its runs).
+    uri : str, optional
+        Tracking URI.
+    experiment : str, optional
+        The study's MLflow experiment (default: the study name, as ``[study] experiment``).
+    study_run_id : str, optional
+        The study run to read (the study engine passes its own, still RUNNING); default the
+        newest FINISHED study run of ``name``.
+
+    The tested runs are the study run's children (the engine's layout), so those of an earlier
+    execution of the same study (``--fresh``) are not mixed in.
 
     Raises
     ------
     BrainalignError
-        No finished study of that name, or one without finals.
+        No (finished) study of that name, or one without finished tested runs.
     """
-    reports = [r for r in tracking.find_runs(name, {"role": "report", "study": name}, uri)
-               if r.status == "FINISHED"]
-    if not reports:
-        raise BrainalignError(
-            f"no finished study {name!r} in the tracking store {uri or tracking.tracking_uri()}: run "
-            f"`brainalign sweep --study <file>` first (its [study] name is the MLflow experiment)."
-        )
-    report = reports[-1]
-    searches = {r.run_id for r in tracking.find_runs(
-        name, {"role": "search", "mlflow.parentRunId": report.run_id}, uri)}
-    finals = [r for r in tracking.find_runs(name, {"role": "final", "study": name}, uri)
-              if r.tags.get("mlflow.parentRunId") in searches and r.status == "FINISHED"]
+    if study_run_id:
+        report = tracking.get_run(study_run_id, uri)
+    else:
+        reports = [r for r in tracking.find_runs(experiment or name, {"role": "report", "study": name}, uri)
+                   if r.status == "FINISHED"]
+        if not reports:
+            raise BrainalignError(
+                f"no finished study {name!r} in experiment {experiment or name!r} of the tracking store "
+                f"{uri or tracking.tracking_uri()}: run `brainalign study run <study file>` first."
+            )
+        report = reports[-1]
+    newest: dict[str, tracking.RunRecord] = {}
+    for r in tracking.children(report.run_id, uri, tags={"role": "final"}, status="FINISHED"):
+        key = r.tags.get("final_key", r.run_id)
+        if key not in newest or r.start_time >= newest[key].start_time:
+            newest[key] = r
+    finals = [newest[k] for k in sorted(newest)]
     if not finals:
-        raise BrainalignError(f"study {name!r} (report run {report.run_id}) has no finished final runs.")
+        raise BrainalignError(f"study {name!r} (study run {report.run_id}) has no finished tested runs.")
     return StudyRuns(name, report, finals)

@@ -612,14 +612,34 @@ class StudyExplanation:
 
 
 def explain_study(name: str, *, methods: Sequence[str] = METHODS, ig_steps: int = 32,
-                  out_dir: Path | None = None, uri: str | None = None) -> StudyExplanation:
-    """Explain every final of a finished study, compare the arms, log and write the results.
+                  out_dir: Path | None = None, experiment: str | None = None, study_run_id: str | None = None,
+                  update_report: bool = True, uri: str | None = None) -> StudyExplanation:
+    """Explain every tested run of a study, compare the arms, log and write the results.
 
-    Per final: :func:`explain_run` (tables logged to the final). Per study: the figures
+    Per tested run: :func:`explain_run` (tables logged to the run). Per study: the figures
     ``temporal.png``, ``spectral.png``, ``spatial.png``, the tables ``stats.csv`` (subject-level
-    tests), ``runs.csv`` (every run's summaries) and ``explain.md``, written to
-    ``$BRAINALIGN_HOME/reports/<study>/explain/`` (or ``out_dir``) and logged to the study's
-    report run under ``explain/``; ``explain.md`` is appended to the report's ``table.md``.
+    tests), ``runs.csv`` (every run's summaries), ``stats.json`` and ``explain.md``, written to
+    ``$BRAINALIGN_HOME/reports/<study>/explain/`` (or ``out_dir``) and logged to the study run
+    under ``explain/``. The study report shows ``explain.md`` as its gradient-analysis section
+    (``brainalign study report`` re-renders it from the study run's artifacts).
+
+    Parameters
+    ----------
+    name : str
+        The study name.
+    methods : sequence of {"gradcam", "ig"}
+        Attribution methods.
+    ig_steps : int
+        Integrated-gradients steps.
+    out_dir : Path, optional
+        Output folder (default ``$BRAINALIGN_HOME/reports/<study>/explain``).
+    experiment, study_run_id : str, optional
+        Where the study's runs are (see :func:`brainalign.analysis._runs.study_runs`).
+    update_report : bool
+        Also add the section to an existing ``reports/<study>/table.md`` and re-log it (the
+        study engine, which renders the report afterwards, passes False).
+    uri : str, optional
+        Tracking URI.
 
     Raises
     ------
@@ -627,13 +647,17 @@ def explain_study(name: str, *, methods: Sequence[str] = METHODS, ig_steps: int 
         No finished study of that name, or its runs cannot be reloaded.
     """
     from .. import paths, tracking
+    from .._io import claim_dir
     from ._runs import study_runs
 
     t0 = time.perf_counter()
-    sr = study_runs(name, uri)
+    sr = study_runs(name, uri, experiment=experiment, study_run_id=study_run_id)
     runs = [explain_run(r.run_id, methods=methods, ig_steps=ig_steps, uri=uri) for r in sr.finals]
-    out = out_dir or (paths.home() / "reports" / name / "explain")
-    out.mkdir(parents=True, exist_ok=True)
+    report_dir = paths.home() / "reports" / name
+    if out_dir is None:
+        claim_dir(report_dir, "report")
+        out_dir = report_dir / "explain"
+    out = claim_dir(out_dir, "report")
     stats: dict[str, list[dict[str, Any]]] = {}
     groups = sorted({(r.encoder, r.table.split(":")[0]) for r in runs})
     for enc, bb in groups:
@@ -646,9 +670,9 @@ def explain_study(name: str, *, methods: Sequence[str] = METHODS, ig_steps: int 
     md = files.pop("_markdown").read_text()
     for f in files.values():
         tracking.log_artifact(sr.report.run_id, f, "explain", uri=uri)
-    report_md = paths.home() / "reports" / name / "table.md"
-    _append_section(report_md, md, "explain/")
-    if report_md.is_file():
+    report_md = report_dir / "table.md"
+    if update_report and report_md.is_file():
+        _append_section(report_md, md, "explain/")
         tracking.log_artifact(sr.report.run_id, report_md, "report", uri=uri)
     return StudyExplanation(name, runs, stats, files, md, time.perf_counter() - t0)
 
@@ -656,19 +680,33 @@ def explain_study(name: str, *, methods: Sequence[str] = METHODS, ig_steps: int 
 _MARK = "<!-- brainalign explain -->"
 
 
+def report_section(md: str, rel: str = "explain/") -> str:
+    """``explain.md`` as a section of the study report (``table.md`` next to ``explain/``)."""
+    return _MARK + "\n" + md.replace("](", f"]({rel}")
+
+
 def _append_section(report_md: Path, md: str, rel: str) -> None:
     """Replace (or add) the gradient-analysis section at the end of a report's ``table.md``."""
+    from .._io import atomic_file
+
     if not report_md.is_file():
         return
-    text = report_md.read_text()
-    text = text.split(_MARK)[0].rstrip() + "\n\n" + _MARK + "\n" + md.replace("](", f"]({rel}")
-    report_md.write_text(text)
+    text = report_md.read_text().split(_MARK)[0].rstrip() + "\n\n" + report_section(md, rel)
+    with atomic_file(report_md) as tmp:
+        tmp.write_text(text)
 
 
 def _fmt(v: float, pct: bool = False) -> str:
     if isinstance(v, float) and math.isnan(v):
         return "n/a"
     return f"{100 * v:.1f}" if pct else f"{v:.3g}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    from .._io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mapping[str, list[dict[str, Any]]],
@@ -686,7 +724,7 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
             w.writerow([r.run_id, r.encoder, r.table, r.arm, r.subject, r.seed, m,
                         *[repr(v.summary[k]) if k in v.summary else "" for k in keys]])
     files["runs.csv"] = out / "runs.csv"
-    files["runs.csv"].write_text(buf.getvalue())
+    _write_text(files["runs.csv"], buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     cols = ["measure", "n", "aligned_mean", "base_mean", "diff_mean", "ci_low", "ci_high", "d_z", "t", "p_t", "p",
@@ -696,9 +734,9 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
         for r in rows:
             w.writerow([comp, *[repr(r[c]) if isinstance(r[c], float) else r[c] for c in cols]])
     files["stats.csv"] = out / "stats.csv"
-    files["stats.csv"].write_text(buf.getvalue())
+    _write_text(files["stats.csv"], buf.getvalue())
     files["stats.json"] = out / "stats.json"
-    files["stats.json"].write_text(json.dumps({"study": name, "stats": stats, "runs": [
+    _write_text(files["stats.json"], json.dumps({"study": name, "stats": stats, "runs": [
         {k: v for k, v in asdict(r).items() if k != "views"} | {"summary": {m: vv.summary for m, vv in r.views.items()}}
         for r in runs]}, indent=2, default=float))
     figs = _figures.study_figures(runs, stats, out)
@@ -726,6 +764,6 @@ def _write_study_outputs(name: str, runs: Sequence[RunExplanation], stats: Mappi
         notes = sorted({n for r in rows for n in r["notes"].split("; ") if n})
         lines += ["", *[f"- {n}" for n in notes], ""]
     files["explain.md"] = out / "explain.md"
-    files["explain.md"].write_text("\n".join(lines) + "\n")
+    _write_text(files["explain.md"], "\n".join(lines) + "\n")
     files["_markdown"] = files["explain.md"]
     return files

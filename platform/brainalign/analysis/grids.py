@@ -248,7 +248,10 @@ def draw_grid(queries: Sequence[str], aligned: dict[str, Retrieval], base: dict[
             for ax in row[2 + len(res.top):]:
                 ax.set_axis_off()
     fig.suptitle("\n".join(textwrap.wrap(title, 95)), fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    from .._io import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
 
@@ -263,15 +266,16 @@ class GridResult:
 
 
 def pair_from_study(name: str, *, encoder: str | None = None, backbone: str | None = None,
-                    subject: str | None = None, seed: int | None = None, uri: str | None = None
-                    ) -> tuple[str, str, str]:
-    """``(aligned run id, base run id, report run id)`` of one subject and seed of a finished study.
+                    subject: str | None = None, seed: int | None = None, experiment: str | None = None,
+                    study_run_id: str | None = None, uri: str | None = None) -> tuple[str, str, str]:
+    """``(aligned run id, base run id, study run id)`` of one subject and seed of a study.
 
-    Defaults: the study's first encoder and backbone, its first subject and first seed.
+    Defaults: the study's first encoder and backbone, its first subject and first seed; the
+    newest finished study run of ``name`` unless ``study_run_id`` is given.
     """
     from ._runs import study_runs
 
-    sr = study_runs(name, uri)
+    sr = study_runs(name, uri, experiment=experiment, study_run_id=study_run_id)
     runs = sr.finals
 
     def pick(key: str, want: Any, cands: list[Any]) -> list[Any]:
@@ -312,7 +316,8 @@ def image_grids(aligned_run: str, base_run: str, *, galleries: Sequence[str] = (
         Where the PNGs go; default ``$BRAINALIGN_HOME/reports/<study>/grids`` for runs of a
         study, else ``reports/grids/<aligned>-vs-<base>``.
     log_to : str, optional
-        Run to log the PNGs to (``grids/``); default the study's report run, else the aligned run.
+        Run to log the PNGs to (``grids/``); default the study run the aligned run is nested
+        under (a study's tested run), else the aligned run.
     images_root : Path, optional
         Folder the catalog's relative image paths are resolved against (default: the dataset root).
 
@@ -322,6 +327,7 @@ def image_grids(aligned_run: str, base_run: str, *, galleries: Sequence[str] = (
         Unfinished runs, runs of different subjects or datasets, unknown queries, missing images.
     """
     from .. import paths, tracking
+    from .._io import claim_dir
     from ._runs import open_run
 
     for g in galleries:
@@ -340,17 +346,12 @@ def image_grids(aligned_run: str, base_run: str, *, galleries: Sequence[str] = (
         if out_dir is None:
             out_dir = (paths.home() / "reports" / study / "grids") if study else (
                 paths.home() / "reports" / "grids" / f"{aligned_run[:8]}-vs-{base_run[:8]}")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if study and out_dir == paths.home() / "reports" / study / "grids":
+            claim_dir(out_dir.parent, "report")
+        claim_dir(out_dir, "report")
         if log_to is None:
-            if study:
-                from ._runs import study_runs
-
-                try:
-                    log_to = study_runs(study, uri).report.run_id
-                except BrainalignError:
-                    log_to = aligned_run
-            else:
-                log_to = aligned_run
+            parent = fa.record.tags.get("mlflow.parentRunId", "") if study else ""
+            log_to = parent or aligned_run
         images = ImageSource(Path(fa.cfg.data.path), images_root)
         result = GridResult()
         chosen: list[str] | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,22 +126,6 @@ def _list(weights: Path | None) -> int:
     return 0
 
 
-def _connect_ray() -> None:
-    """``ray.init(address=$RAY_ADDRESS)``, or a local Ray with ``max(4, cpu_count)`` logical CPUs.
-
-    Called by the pipeline only after the weights, catalog and images passed their checks.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
-
-
 def _embed(args: argparse.Namespace) -> int:
     from .. import paths
     from ..data.contract import MANIFEST
@@ -189,7 +172,6 @@ def _embed(args: argparse.Namespace) -> int:
         use_gpu=False if args.cpu else None,
         torch_threads=args.torch_threads,
         force=args.force,
-        connect=_connect_ray,
     )
     w = sys.stdout.write
     for tid, path in report.written.items():

@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
         ),
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--study", help="study file or name of a finished sweep")
+    what.add_argument("--study", help="study file or name of a finished study")
     what.add_argument("--aligned", help="MLflow run id of the aligned run (with --base)")
     p.add_argument("--base", help="MLflow run id of the base run (with --aligned)")
     p.add_argument("--encoder", help="study only: brain encoder (default: the first)")
@@ -46,10 +46,12 @@ def _grids(args: argparse.Namespace) -> int:
     if args.aligned and not args.base:
         raise BrainalignError("--aligned needs --base (the run of the same subject trained on the base table).")
     if args.study:
-        from ._study_ref import study_name
+        from ._study_ref import study_ref
 
-        aligned, base, report = pair_from_study(study_name(args.study), encoder=args.encoder,
-                                                backbone=args.backbone, subject=args.subject, seed=args.seed)
+        ref = study_ref(args.study)
+        aligned, base, report = pair_from_study(ref.name, encoder=args.encoder, backbone=args.backbone,
+                                                subject=args.subject, seed=args.seed, experiment=ref.experiment,
+                                                study_run_id=ref.study_run_id)
     else:
         aligned, base, report = args.aligned, args.base, None
     if args.queries:

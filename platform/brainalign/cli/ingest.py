@@ -134,12 +134,16 @@ def register_ingest(data_subparsers: Any) -> None:
 
 
 def _report(results: list[Any]) -> int:
+    """One line per dataset. The *dataset* fingerprint comes first: it is what ``dataset.json``
+    and every MLflow run (tag ``data_fingerprint``) record; the inputs fingerprint only decides
+    whether a re-run has anything to do."""
     for r in results:
+        fps = f"dataset fingerprint {r.dataset_fingerprint} (MLflow tag data_fingerprint); inputs fingerprint {r.fingerprint}"
         if r.up_to_date:
-            sys.stdout.write(f"dataset: {r.root} (up to date, fingerprint {r.fingerprint})\n")
+            sys.stdout.write(f"dataset: {r.root} (up to date; {fps})\n")
         else:
             rows = ", ".join(f"sub-{s} {sp} {k}" for (s, sp), k in sorted(r.rows.items()))
-            sys.stdout.write(f"dataset: {r.root} (fingerprint {r.fingerprint}; rows: {rows})\n")
+            sys.stdout.write(f"dataset: {r.root} ({fps}; rows: {rows})\n")
     return 0
 
 

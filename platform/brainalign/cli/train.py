@@ -26,9 +26,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(json.dumps(cfg.resolved().to_flat(), indent=2, default=list) + "\n")
         return 0
-    from ..train.runner import run_training
+    from ..train.runner import RunSpec, run_training
 
-    res = run_training(cfg, evaluate_test=not args.no_test)
+    res = run_training(cfg, RunSpec(evaluate_test=not args.no_test))
     lines = [f"MLflow run: {res.run_id}", f"best epoch (by {cfg.select_metric}): {res.best_epoch}"]
     lines += [f"val   {k}: {v:.4f}" for k, v in sorted(res.val.items())]
     if res.test:

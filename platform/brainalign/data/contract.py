@@ -66,6 +66,19 @@ _META_KEY = b"brainalign"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def unreadable(path: Path | str, e: BaseException) -> BrainalignError:
+    """The error for a file Arrow cannot read (truncated, corrupt, not Parquet)."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return BrainalignError(
+        f"{path} is not a readable Parquet file ({type(e).__name__}: {first}); it is truncated or corrupt. "
+        "Re-create it (re-run the command that wrote it, or re-download the source)."
+    )
+
+
+#: What reading a damaged Parquet file raises (Arrow errors and plain I/O errors).
+READ_ERRORS: tuple[type[BaseException], ...] = (pa.ArrowException, OSError, ValueError)
+
+
 def _check_name(what: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value) or "__" in value:
         raise BrainalignError(
@@ -210,7 +223,10 @@ def read_catalog(path: Path) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise BrainalignError(f"Image catalog {path} does not exist.")
-    tbl = pq.read_table(path)
+    try:
+        tbl = pq.read_table(path)
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from e
     missing = {"image_id", "concept", "split"} - set(tbl.column_names)
     if missing:
         raise BrainalignError(f"Image catalog {path} lacks columns {sorted(missing)}.")
@@ -289,13 +305,23 @@ def write_embedding_table(
 
 def read_table_meta(path: Path) -> dict[str, Any]:
     """Metadata of an embedding table without reading its vectors."""
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from e
     raw = (schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise BrainalignError(
             f"{path} is not a brainalign embedding table (no 'brainalign' schema metadata)."
         )
-    return dict(json.loads(raw))
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BrainalignError(f"{path}: its brainalign metadata is not valid JSON ({e}); re-create the table.") from e
+    missing = [k for k in ("backbone", "alignment", "dim") if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise BrainalignError(f"{path}: brainalign metadata lacks {missing}; re-create the table.")
+    return dict(meta)
 
 
 def read_embedding_table(path: Path) -> EmbeddingTable:
@@ -304,7 +330,12 @@ def read_embedding_table(path: Path) -> EmbeddingTable:
     if not path.is_file():
         raise BrainalignError(f"Embedding table {path} does not exist.")
     meta = read_table_meta(path)
-    tbl = pq.read_table(path)
+    try:
+        tbl = pq.read_table(path)
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from e
+    if "embedding" not in tbl.column_names or "image_id" not in tbl.column_names:
+        raise BrainalignError(f"{path}: expected columns 'image_id' and 'embedding', got {tbl.column_names}.")
     col = tbl.column("embedding").combine_chunks()
     if not isinstance(col.type, pa.FixedShapeTensorType):
         raise BrainalignError(f"{path}: column 'embedding' must be a fixed_shape_tensor, got {col.type}.")
@@ -360,7 +391,7 @@ class DatasetWriter:
         self.row_group_size = 512
 
     def __enter__(self) -> DatasetWriter:
-        self._ctx = atomic_dir(self.root, replace=self._replace)
+        self._ctx = atomic_dir(self.root, kind="dataset", replace=self._replace)
         self._tmp = self._ctx.__enter__()
         return self
 
@@ -485,8 +516,21 @@ class BrainDataset:
                 f"{man} has contract_version {version!r}; this brainalign reads version "
                 f"{CONTRACT_VERSION}. Re-create the dataset with this version."
             )
+        missing = [k for k in ("meta", "files", "fingerprint") if k not in manifest]
+        if missing:
+            raise BrainalignError(
+                f"{man} lacks {missing}; the manifest is damaged or was not written by brainalign. "
+                "Re-create or re-ingest the dataset."
+            )
         self.manifest: dict[str, Any] = manifest
-        self.meta = DatasetMeta.from_json(manifest["meta"])
+        try:
+            self.meta = DatasetMeta.from_json(manifest["meta"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, BrainalignError):
+                raise
+            raise BrainalignError(
+                f"{man}: 'meta' is incomplete or malformed ({type(e).__name__}: {e}); re-create the dataset."
+            ) from e
         self.fingerprint: str = manifest["fingerprint"]
         self._catalog: pa.Table | None = None
 
@@ -529,15 +573,21 @@ class BrainDataset:
     ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
         """Stream ``(image_ids, repetitions, epochs)`` chunks in file order (bounded memory)."""
         for f in self.epoch_files(subject, split):
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=["image_id", "repetition", "epoch"]):
-                ep = batch.column("epoch")
-                x = ep.to_numpy_ndarray() if hasattr(ep, "to_numpy_ndarray") else np.asarray(ep)
-                yield (
-                    batch.column("image_id").to_pylist(),
-                    batch.column("repetition").to_numpy(),
-                    np.asarray(x, dtype=np.float32),
-                )
+            try:
+                pf = pq.ParquetFile(f)
+                batches = pf.iter_batches(batch_size=batch_rows, columns=["image_id", "repetition", "epoch"])
+                for batch in batches:
+                    ep = batch.column("epoch")
+                    x = ep.to_numpy_ndarray() if hasattr(ep, "to_numpy_ndarray") else np.asarray(ep)
+                    yield (
+                        batch.column("image_id").to_pylist(),
+                        batch.column("repetition").to_numpy(),
+                        np.asarray(x, dtype=np.float32),
+                    )
+            except READ_ERRORS as e:
+                if isinstance(e, BrainalignError):
+                    raise
+                raise unreadable(f, e) from e
 
     def load_epochs(self, subject: str, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         """All ``(image_ids, repetitions, epochs)`` of one subject and split, in memory."""

@@ -33,10 +33,23 @@ from ..config import TrainConfig
 from ..paths import cache_dir
 from .contract import BrainDataset, EmbeddingTable, open_dataset, read_embedding_table
 
-__all__ = ["PreparedData", "load_test", "normalize_epochs", "prepare", "split_concepts", "split_images"]
+__all__ = [
+    "MIN_VAL_IMAGES",
+    "PreparedData",
+    "check_sizes",
+    "load_test",
+    "normalize_epochs",
+    "planned_sizes",
+    "prepare",
+    "split_concepts",
+    "split_images",
+]
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = 1
+#: The largest top-k that evaluation reports (top-1 and top-5): a validation set needs at
+#: least this many images, or its top-5 is 1.0 whatever the model (and top-1 of 1 image too).
+MIN_VAL_IMAGES = 5
 
 
 def check_normalization(mode: str, n_times: int) -> None:
@@ -211,6 +224,76 @@ def _write_rows(path: Path, image_index: np.ndarray, subject_index: np.ndarray, 
     pq.write_table(tbl, path, row_group_size=1024)
 
 
+def planned_sizes(ds: BrainDataset, subjects: tuple[str, ...], *, train_trials: str, val_fraction: float,
+                  val_split: str = "image", seed: int = 0) -> tuple[int, int]:
+    """``(training rows at most, validation images)`` of a run, from the catalog and manifest alone.
+
+    The validation images are exactly those :func:`split_images` / :func:`split_concepts`
+    will draw. The training rows are an upper bound (every training subject saw every
+    training image, every trial file counted): a batch larger than it can never be filled,
+    whatever the data hold.
+    """
+    train_ids = ds.image_ids("train")
+    n_img = len(train_ids)
+    if not n_img:
+        n_val = 0
+    elif val_split == "concept":
+        n_val = len(split_concepts(train_ids, _train_concepts(ds), val_fraction, seed)[1])
+    else:
+        n_val = max(1, int(round(val_fraction * n_img)))
+    if train_trials == "average":
+        return max(0, n_img - n_val) * len(subjects), n_val
+    rows = 0
+    for rel, info in ds.manifest.get("files", {}).items():
+        if "/split=train/" in rel and any(f"/subject={s}/" in rel for s in subjects):
+            rows += int(info.get("rows", 0))
+    return rows, n_val
+
+
+def check_sizes(*, n_train_rows: int, n_val_images: int, batch_size: int, num_workers: int,
+                val_fraction: float, where: str, planned: bool = False) -> None:
+    """Refuse sizes that would train on nothing or score a trivially perfect validation.
+
+    Parameters
+    ----------
+    n_train_rows : int
+        Training rows (an upper bound when ``planned``).
+    n_val_images : int
+        Validation images (the retrieval gallery of validation).
+    batch_size, num_workers : int
+        Every Train worker gets ``n_train_rows // num_workers`` rows and drops incomplete
+        batches (their composition is the InfoNCE negatives).
+    val_fraction : float
+        For the message.
+    where : str
+        What is checked (``"data.subjects ('01',) of data/sim-mini"``), for the message.
+    planned : bool
+        The row count is an upper bound from the manifest (before preparation).
+
+    Raises
+    ------
+    BrainalignError
+        ``batch_size`` exceeds the rows a worker gets, or fewer than
+        :data:`MIN_VAL_IMAGES` validation images.
+    """
+    per_worker = n_train_rows // max(1, num_workers)
+    if batch_size > per_worker:
+        at_most = "at most " if planned else ""
+        raise BrainalignError(
+            f"{where}: batch_size {batch_size} is larger than the training rows each worker gets ({at_most}"
+            f"{n_train_rows} rows / num_workers {num_workers} = {per_worker}): every batch would be dropped "
+            f"and nothing trained. Use batch_size <= {per_worker}"
+            + (" or fewer workers" if num_workers > 1 else "") + ", or more training data."
+        )
+    if n_val_images < MIN_VAL_IMAGES:
+        raise BrainalignError(
+            f"{where}: the validation split has {n_val_images} image(s) (data.val_fraction {val_fraction:g}); "
+            f"validation ranks top-1 and top-5 among its images, so it needs at least {MIN_VAL_IMAGES} "
+            "(with fewer, top-5 is 1.0 and a 1-image set scores top-1 = 1.0 whatever the model). Raise "
+            "data.val_fraction or use more training images."
+        )
+
+
 def check_subjects(ds: BrainDataset, subjects: tuple[str, ...], what: str) -> None:
     missing = [s for s in subjects if s not in ds.meta.subjects]
     if missing:
@@ -219,11 +302,12 @@ def check_subjects(ds: BrainDataset, subjects: tuple[str, ...], what: str) -> No
         )
 
 
-def prepare(cfg: TrainConfig) -> PreparedData:
-    """Prepare (or reuse) the train/val Parquet of ``cfg``; see the module docstring."""
+def prepare(cfg: TrainConfig, cache: Path | None = None) -> PreparedData:
+    """Prepare (or reuse) the train/val Parquet of ``cfg`` under ``cache`` (default
+    :func:`~brainalign.paths.cache_dir`); see the module docstring."""
     ds = open_dataset(cfg.data.path)
     check_subjects(ds, cfg.data.subjects, "data.subjects")
-    root = cache_dir() / "prepared" / _key(ds, cfg)
+    root = Path(cache or cache_dir()) / "prepared" / _key(ds, cfg)
     done = root / "prepared.json"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -239,7 +323,7 @@ def prepare(cfg: TrainConfig) -> PreparedData:
     index = ds.image_index()
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5EED]))
     n_train = n_val = 0
-    with atomic_dir(root, replace=True) as tmp:
+    with atomic_dir(root, kind="prepared", replace=True) as tmp:
         (tmp / "train").mkdir()
         (tmp / "val").mkdir()
         for si, subject in enumerate(cfg.data.subjects):
@@ -294,7 +378,16 @@ def load_table_for(cfg: TrainConfig) -> tuple[EmbeddingTable, Path]:
             )
         check_option("data.image_table", cfg.data.image_table, sorted(tables))
     path = tables[cfg.data.image_table]
-    return read_embedding_table(path), path
+    table = read_embedding_table(path)
+    bad = ~np.isfinite(table.vectors).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise BrainalignError(
+            f"embedding table {path} has {int(bad.sum())} vector(s) with NaN or Inf, e.g. for image(s) "
+            f"{[str(table.image_ids[i]) for i in rows[:5]]}; a run against it would score nonsense. "
+            "Recompute the table (`brainalign embed --force`) or fix its source."
+        )
+    return table, path
 
 
 def catalog_embeddings(ds: BrainDataset, table: EmbeddingTable, needed: list[str]) -> np.ndarray:

@@ -508,6 +508,7 @@ class SimulatorParams:
             if self.n_voxels:
                 raise BrainalignError(f"n_voxels is for modality 'fmri'; {self.modality} has ch_names.")
             check_range("sfreq", self.sfreq, low=0.0, low_inclusive=False)
+            self._check_sampling()  # time series only: an fMRI epoch has no time axis to sample
         for name in (
             "category_share",
             "shape_coherence",
@@ -547,6 +548,32 @@ class SimulatorParams:
                         f"each {what} entry is (perceptual, semantic, nuisance) shares >= 0 with a "
                         f"positive sum, got {mix!r}."
                     )
+
+    def _check_sampling(self) -> None:
+        """The epoch must sample the sources it simulates: fine enough and long enough."""
+        narrowest = min(w for w, n in ((self.width_early, self.n_early), (self.width_mid, self.n_mid),
+                                       (self.width_late, self.n_late)) if n > 0)
+        min_sfreq = max(1.0 / narrowest, 2.0 * self.alpha_freq if self.alpha_amp > 0 else 0.0)
+        if self.sfreq < min_sfreq:
+            raise BrainalignError(
+                f"sfreq {self.sfreq:g} Hz cannot represent the simulated signal: the narrowest source kernel "
+                f"is {narrowest:g} s wide and the alpha rhythm is at {self.alpha_freq:g} Hz, so sfreq must be "
+                f">= {min_sfreq:g} Hz (e.g. 100, 250)."
+            )
+        if self.n_times < 8:
+            raise BrainalignError(
+                f"n_times {self.n_times} is too short: an EEG/MEG epoch needs at least 8 samples (the default "
+                f"is {100}: 1 s at 100 Hz). Only modality = 'fmri' has one value per channel (n_times = 1)."
+            )
+        latest = max([self.latency_early if self.n_early else 0.0, self.latency_mid if self.n_mid else 0.0,
+                      self.latency_late[1] if self.n_late else 0.0])
+        end = self.tmin + self.n_times / self.sfreq
+        if end <= latest or self.tmin >= latest:
+            raise BrainalignError(
+                f"the epoch window [{self.tmin:g}, {end:g}) s (tmin + n_times / sfreq) does not contain the "
+                f"simulated responses, which peak up to {latest:g} s after image onset; use e.g. n_times = "
+                f"{math.ceil((latest + 0.2 - self.tmin) * self.sfreq)} at sfreq {self.sfreq:g}."
+            )
 
     @property
     def n_train_images_total(self) -> int:
@@ -1296,6 +1323,27 @@ def simulate_dataset(
         source=source,
     )
     log.info("Simulating %s (preset %s, seed %d, null=%s) into %s", name, preset, seed, null, out)
+    try:
+        _write(out, meta, world, params, seed, null, replace=replace, progress=progress)
+    except BrainalignError:
+        # two simulations into one --out: the loser finds the winner's dataset at the rename
+        if _source_of(out) == source:
+            log.info("%s was written meanwhile by another process with the same settings; using it.", out)
+            return out
+        raise
+    log.info("Simulated dataset written to %s in %.1f s", out, time.perf_counter() - t0)
+    return out
+
+
+def _source_of(out: Path) -> Any:
+    try:
+        return json.loads((out / MANIFEST).read_text())["meta"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write(out: Path, meta: DatasetMeta, world: SimWorld, params: SimulatorParams, seed: int, null: bool, *,
+           replace: bool, progress: bool) -> None:
     with DatasetWriter(out, meta, replace=replace) as w:
         w.write_catalog(world.image_ids, world.concepts, world.splits)
         _write_latents(w.tmp / LATENTS_FILE, world)
@@ -1328,8 +1376,6 @@ def simulate_dataset(
                         concepts = [world.concepts[r] for r in rows for _ in range(reps)]
                         w.write_epochs(sid, split, ids, concepts, np.tile(np.arange(reps), len(rows)), x)
                         bar.update(len(rows))
-    log.info("Simulated dataset written to %s in %.1f s", out, time.perf_counter() - t0)
-    return out
 
 
 def dataset_name(params: SimulatorParams) -> str:

@@ -20,6 +20,7 @@ from .._checks import BrainalignError
 from .._io import sha256_file
 from .contract import (
     MANIFEST,
+    READ_ERRORS,
     SPLITS,
     BrainDataset,
     _fingerprint,
@@ -70,7 +71,7 @@ def validate_dataset(root: Path | str, *, check_hashes: bool = True, check_table
     return problems
 
 
-def require_valid(ds: BrainDataset) -> None:
+def require_valid(ds: BrainDataset, cache: Path | None = None) -> None:
     """Raise a :class:`BrainalignError` listing every problem of ``ds``, before any training.
 
     The full check streams every epoch once, so it runs once per dataset fingerprint: a
@@ -84,7 +85,7 @@ def require_valid(ds: BrainDataset) -> None:
     from ..paths import cache_dir
 
     key = hashlib.sha256(f"{ds.fingerprint}|{ds.root.resolve()}".encode()).hexdigest()[:32]
-    marker = cache_dir() / "validated" / f"{key}.json"
+    marker = Path(cache or cache_dir()) / "validated" / f"{key}.json"
     if marker.is_file():
         return
     problems = validate_dataset(ds.root, check_hashes=False, check_tables=False)
@@ -152,58 +153,73 @@ def _check_epochs(ds: BrainDataset, subject: str, split: str, catalog: dict[str,
     if not files:
         return [Problem(where_dir, "no epoch files", f"every subject needs {split} epochs")]
     expected = (ds.meta.n_chans, ds.meta.n_times)
-    seen: set[tuple[str, int]] = set()
-    dup_rows = 0
+    seen: dict[tuple[str, int], int] = {}
     for f in files:
         rel = f.relative_to(ds.root).as_posix()
-        schema = pq.read_schema(f)
-        missing = {"image_id", "concept", "repetition", "epoch"} - set(schema.names)
-        if missing:
-            out.append(Problem(rel, f"missing columns {sorted(missing)}"))
-            continue
-        typ = schema.field("epoch").type
-        if not isinstance(typ, pa.FixedShapeTensorType):
-            out.append(Problem(rel, f"column 'epoch' is {typ}, expected fixed_shape_tensor<float>{expected}",
-                               "write epochs with pa.FixedShapeTensorArray.from_numpy_ndarray"))
-            continue
-        if tuple(typ.shape) != expected or typ.value_type != pa.float32():
-            out.append(Problem(rel, f"epoch tensor is {typ.value_type}{tuple(typ.shape)}, expected float32{expected} "
-                               "(n_chans x n_times from dataset.json)"))
-            continue
-        n_bad = 0
-        unknown: list[str] = []
-        wrong_split: list[str] = []
-        wrong_concept: list[str] = []
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=2048):
-            x = batch.column("epoch").to_numpy_ndarray()
-            n_bad += int((~np.isfinite(x).reshape(len(x), -1).all(axis=1)).sum())
-            for image_id, rep, concept in zip(batch.column("image_id").to_pylist(),
-                                              batch.column("repetition").to_pylist(),
-                                              batch.column("concept").to_pylist(), strict=True):
-                key = (image_id, rep)
-                if key in seen:
-                    dup_rows += 1
-                seen.add(key)
-                info = catalog.get(image_id)
-                if info is None:
-                    unknown.append(image_id)
-                elif info[1] != split:
-                    wrong_split.append(image_id)
-                elif info[0] != concept:
-                    wrong_concept.append(image_id)
-                used.add(image_id)
-        if n_bad:
-            out.append(Problem(rel, f"{n_bad} epoch(s) contain NaN or Inf", "drop or repair those trials"))
-        if unknown:
-            out.append(Problem(rel, f"{len(unknown)} row(s) have an image_id not in images.parquet, e.g. {unknown[:3]}"))
-        if wrong_split:
-            out.append(Problem(rel, f"{len(wrong_split)} row(s) are {split} epochs of images the catalog puts in "
-                               f"another split, e.g. {wrong_split[:3]}", "train/test images must not overlap"))
-        if wrong_concept:
-            out.append(Problem(rel, f"{len(wrong_concept)} row(s) name a concept other than the catalog's for their "
-                               f"image, e.g. {wrong_concept[:3]}", "write each epoch with its image's catalog concept"))
+        try:
+            out += _check_epoch_file(f, rel, split, expected, catalog, used, seen)
+        except READ_ERRORS as e:
+            if isinstance(e, BrainalignError):
+                raise
+            out.append(_unreadable_problem(rel, e))
+    dup_rows = sum(seen.values()) - len(seen)
     if dup_rows:
         out.append(Problem(where_dir, f"{dup_rows} duplicate (image_id, repetition) rows"))
+    return out
+
+
+def _unreadable_problem(rel: str, e: BaseException) -> Problem:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return Problem(rel, f"unreadable Parquet file ({type(e).__name__}: {first}): truncated or corrupt",
+                   "re-create the file (re-run the command that wrote it, or re-ingest the dataset)")
+
+
+def _check_epoch_file(f: Path, rel: str, split: str, expected: tuple[int, int],
+                      catalog: dict[str, tuple[str, str]], used: set[str],
+                      seen: dict[tuple[str, int], int]) -> list[Problem]:
+    """Problems of one epochs part file (``seen`` counts (image_id, repetition) keys across files)."""
+    out: list[Problem] = []
+    schema = pq.read_schema(f)
+    missing = {"image_id", "concept", "repetition", "epoch"} - set(schema.names)
+    if missing:
+        return [Problem(rel, f"missing columns {sorted(missing)}")]
+    typ = schema.field("epoch").type
+    if not isinstance(typ, pa.FixedShapeTensorType):
+        return [Problem(rel, f"column 'epoch' is {typ}, expected fixed_shape_tensor<float>{expected}",
+                        "write epochs with pa.FixedShapeTensorArray.from_numpy_ndarray")]
+    if tuple(typ.shape) != expected or typ.value_type != pa.float32():
+        return [Problem(rel, f"epoch tensor is {typ.value_type}{tuple(typ.shape)}, expected float32{expected} "
+                        "(n_chans x n_times from dataset.json)")]
+    n_bad = 0
+    unknown: list[str] = []
+    wrong_split: list[str] = []
+    wrong_concept: list[str] = []
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=2048):
+        x = batch.column("epoch").to_numpy_ndarray()
+        n_bad += int((~np.isfinite(x).reshape(len(x), -1).all(axis=1)).sum())
+        for image_id, rep, concept in zip(batch.column("image_id").to_pylist(),
+                                          batch.column("repetition").to_pylist(),
+                                          batch.column("concept").to_pylist(), strict=True):
+            key = (image_id, rep)
+            seen[key] = seen.get(key, 0) + 1
+            info = catalog.get(image_id)
+            if info is None:
+                unknown.append(image_id)
+            elif info[1] != split:
+                wrong_split.append(image_id)
+            elif info[0] != concept:
+                wrong_concept.append(image_id)
+            used.add(image_id)
+    if n_bad:
+        out.append(Problem(rel, f"{n_bad} epoch(s) contain NaN or Inf", "drop or repair those trials"))
+    if unknown:
+        out.append(Problem(rel, f"{len(unknown)} row(s) have an image_id not in images.parquet, e.g. {unknown[:3]}"))
+    if wrong_split:
+        out.append(Problem(rel, f"{len(wrong_split)} row(s) are {split} epochs of images the catalog puts in "
+                           f"another split, e.g. {wrong_split[:3]}", "train/test images must not overlap"))
+    if wrong_concept:
+        out.append(Problem(rel, f"{len(wrong_concept)} row(s) name a concept other than the catalog's for their "
+                           f"image, e.g. {wrong_concept[:3]}", "write each epoch with its image's catalog concept"))
     return out
 
 
@@ -220,7 +236,14 @@ def _check_tables(ds: BrainDataset, used: dict[str, set[str]]) -> list[Problem]:
         except (BrainalignError, json.JSONDecodeError) as e:
             out.append(Problem(rel, str(e)))
             continue
-        tbl = pq.read_table(path)
+        try:
+            tbl = pq.read_table(path)
+        except READ_ERRORS as e:
+            out.append(_unreadable_problem(rel, e))
+            continue
+        if "embedding" not in tbl.column_names or "image_id" not in tbl.column_names:
+            out.append(Problem(rel, f"expected columns 'image_id' and 'embedding', got {tbl.column_names}"))
+            continue
         col = tbl.column("embedding").combine_chunks()
         if not isinstance(col.type, pa.FixedShapeTensorType) or len(col.type.shape) != 1:
             out.append(Problem(rel, f"column 'embedding' is {col.type}, expected a fixed-shape float32 vector"))

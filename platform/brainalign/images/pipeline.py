@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .._checks import BrainalignError
-from .._io import sha256_file
+from .._io import claim_dir, sha256_file
+from .._ray import ensure_ray
 from ..data.contract import CATALOG, read_catalog, read_table_meta, table_filename, write_embedding_table
 from ._registry import ModelSpec, Preprocess, build_runner, resolve_encoders
 from .weights import OFFLINE_ENV, hash_weight_files, resolve_weight_files, weights_root
@@ -195,8 +196,11 @@ def _stored_state(path: Path, identity: Mapping[str, Any], skip_bad: bool) -> tu
         return False, "no table yet"
     try:
         prov = dict(read_table_meta(path).get("provenance", {}))
-    except Exception as e:  # unreadable or not ours: recompute, never mix
-        return False, f"existing file is unreadable ({type(e).__name__}: {e})"
+    except BrainalignError as e:  # not a brainalign table, or a damaged one: never overwrite it
+        raise BrainalignError(
+            f"{path} exists but is not a readable brainalign embedding table ({e}); refusing to overwrite it. "
+            "Remove it yourself if it may go, or choose another --out."
+        ) from e
     if prov.get("fingerprint") != identity["fingerprint"]:
         changed = sorted(k for k in identity if k != "fingerprint" and prov.get(k) != identity[k])
         return False, f"provenance changed ({', '.join(changed) or 'fingerprint'})"
@@ -305,23 +309,6 @@ class EmbedActor:
         out = {"image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["path"]), "error": err}
         out.update({f"emb_{a}": v for a, v in res.items()})
         return out
-
-
-def ensure_ray() -> None:
-    """Connect to ``$RAY_ADDRESS`` or start a local Ray with ``max(4, cpu_count)`` logical CPUs.
-
-    Four logical CPUs on a 2-core machine let the model actor (1 CPU) and Ray Data's decode
-    tasks run together without the 2-vCPU deadlock (ray-mlflow-facts.md 2.4).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
 def _bad_image_error(bad: Sequence[Mapping[str, str]], what: str) -> BrainalignError:
@@ -472,7 +459,7 @@ def embed_catalog(
     root = weights_root(weights)
     files = resolve_weight_files(requests, root)
     cat_file = catalog_path(catalog)
-    out = paths.resolve(out_dir)
+    out = claim_dir(paths.resolve(out_dir), "tables")  # never writes into a folder that is not for tables
     ids, img_files = _catalog_images(cat_file, paths.resolve(images_root) if images_root else None)
     report = EmbedReport(n_images=len(ids))
     log.info("Catalog %s: %d images; hashing them", cat_file, len(ids))

@@ -193,7 +193,8 @@ def render_images(
         ``simulator/latents.parquet``).
     out_dir : path, optional
         Where to write ``images/<image_id>.png`` and ``images.parquet`` (paths relative to
-        it); replaced atomically. Default :func:`default_render_dir`.
+        it); replaced atomically, but only if it is empty or an earlier render (never a
+        dataset or a folder brainalign did not create). Default :func:`default_render_dir`.
     size : int
         Image side in pixels (8..1024). Encoders resize to their own input size.
 
@@ -215,6 +216,12 @@ def render_images(
     check_range("size", size, low=8, high=1024)
     root = paths.resolve(dataset_root)
     out = paths.resolve(out_dir) if out_dir is not None else default_render_dir(root)
+    if out == root or root in out.parents:
+        raise BrainalignError(
+            f"the rendered images cannot go to {out}: it is {'the dataset' if out == root else 'inside the dataset'} "
+            f"{root}, whose manifest lists every file it holds. Choose a folder outside it (default: "
+            f"{default_render_dir(root)})."
+        )
     latents = read_latents(root)
     lacking = sorted(set(LATENT_COLUMNS) - set(latents.column_names))
     if lacking:
@@ -234,7 +241,7 @@ def render_images(
     from PIL import Image
 
     rel = [f"images/{i}.png" for i in ids]
-    with atomic_dir(out, replace=True) as tmp:
+    with atomic_dir(out, kind="images", replace=True) as tmp:
         (tmp / "images").mkdir()
         for i, r in zip(ids, rel, strict=True):
             k = row[i]

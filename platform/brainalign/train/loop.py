@@ -19,14 +19,59 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import BrainalignError
 from ..config import TrainConfig
 from ..encoders import create_encoder, encoder_info
 from ..losses import SymmetricInfoNCE
 from ..metrics import topk_accuracy
 
-__all__ = ["EarlyStopping", "Run", "build_run", "cosine_lr", "encode", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EarlyStopping",
+    "NonFiniteError",
+    "Run",
+    "build_run",
+    "check_finite_weights",
+    "cosine_lr",
+    "encode",
+    "encode_batches",
+    "evaluate",
+    "evaluate_embeddings",
+    "train_one_epoch",
+]
 
 Batch = Mapping[str, torch.Tensor]
+#: With AMP's GradScaler an inf/NaN step is skipped and the scale lowered; this many in a row
+#: means the run itself diverged (a fresh scaler needs ~16 skips to come down from 2**16).
+MAX_SKIPPED_AMP_STEPS = 32
+
+
+class NonFiniteError(BrainalignError):
+    """Training produced a NaN or Inf loss or weight: the run has diverged and must not score.
+
+    Raised at the first non-finite loss (or weights after a step), naming the epoch, the
+    batch, the learning rate and the temperature, and the likely causes. A run that raises it
+    ends FAILED in MLflow; in a search the trial errors and is never selected.
+    """
+
+
+def _diverged(run: Run, what: str, batch: int | None, lr: float) -> NonFiniteError:
+    where = f"epoch {run.epoch}" + (f", batch {batch}" if batch is not None else " (after its last step)")
+    return NonFiniteError(
+        f"training diverged: {what} at {where} (lr {lr:.3g}, temperature {run.loss_fn.temperature:.3g}, "
+        f"batch_size {run.cfg.batch_size}). Likely causes: a learning rate too high for this model (try "
+        "lr 10x lower, warmup_epochs > 0 or grad_clip > 0), a temperature too small, or non-finite / "
+        "extreme values in the data or the embedding table (`brainalign data validate`). The run is "
+        "marked FAILED; its metrics are not results."
+    )
+
+
+def check_finite_weights(run: Run, lr: float, batch: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` if any parameter of the model (or the loss) is NaN/Inf."""
+    for name, p in list(run.model.named_parameters()) + list(run.loss_fn.named_parameters()):
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise _diverged(run, f"parameter {name!r} became NaN/Inf", batch, lr)
+
+
 #: Rows per chunk of the validation loss (memory only: the value is the full-set loss).
 EVAL_CHUNK = 1024
 
@@ -137,21 +182,44 @@ def _sync_temperature_grad(run: Run) -> None:
     grad /= dist.get_world_size()
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
-    """One pass over ``batches``; returns mean train loss, lr, temperature, samples."""
+    """One pass over ``batches``; returns mean train loss, lr, temperature, samples.
+
+    With N data-parallel workers each worker's batches hold ``batch_size / N`` rows and the
+    loss is computed over the global batch (:class:`~brainalign.losses.SymmetricInfoNCE` with
+    ``gather=True``); every worker must then run the same number of equal-sized batches. The
+    returned loss and sample count are over all workers (identical on every worker).
+    """
     lr = cosine_lr(run.cfg, run.epoch)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.model.train()
+    world = _world_size()
     total, n = 0.0, 0
-    for batch in batches:
+    skipped = 0  # consecutive AMP steps the GradScaler skipped (inf/NaN gradients)
+    for b, batch in enumerate(batches):
         x, idx, sid = _to(run, batch)
-        if x.shape[0] < 2:
+        if x.shape[0] * world < 2:
             continue  # InfoNCE needs negatives
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=run.amp):
             z = _forward(run, x, sid)
-        loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
+        if world > 1:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx, gather=True)
+        else:
+            loss = run.loss_fn(z.float(), run.image_emb[idx], idx)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            if run.scaler is None or skipped >= MAX_SKIPPED_AMP_STEPS:
+                raise _diverged(run, f"the loss is {value}", b, lr)
+            skipped += 1  # fp16 overflow: the scaler skips this step and lowers its scale
+        else:
+            skipped = 0
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
@@ -165,8 +233,19 @@ def train_one_epoch(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
             run.scaler.update()
         else:
             run.optimizer.step()
-        total += float(loss.detach()) * x.shape[0]
-        n += x.shape[0]
+        if math.isfinite(value):
+            total += value * x.shape[0]
+            n += x.shape[0]
+    if world > 1:  # each worker's loss covers its own rows: sum over workers
+        sums = torch.tensor([total, float(n)], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(sums)
+        total, n = float(sums[0]), int(sums[1])
+    check_finite_weights(run, lr)
+    if n == 0 and skipped == 0:
+        raise BrainalignError(
+            f"epoch {run.epoch} trained on 0 samples: no full batch of batch_size {run.cfg.batch_size} "
+            "(drop_last) in this worker's training rows. Lower batch_size or num_workers, or use more data."
+        )
     run.epoch += 1
     return {
         "train_loss": total / max(n, 1),
@@ -192,12 +271,42 @@ def encode(
 
 
 @torch.no_grad()
-def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None,
-             prefix: str = "val") -> dict[str, float]:
+def encode_batches(run: Run, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brain embeddings ``(N, D)`` and image indices ``(N,)`` of a stream of batches, in eval mode.
+
+    Only the embeddings are kept: each batch's epochs are dropped once encoded, so memory is
+    ``N x D`` plus one batch whatever the size of the rows (the validation split of many
+    subjects streamed from Ray Data). Feed the result to :func:`evaluate_embeddings`.
+    """
+    run.model.eval()
+    zs, ids = [], []
+    for batch in batches:
+        x, idx, sid = _to(run, batch)
+        with torch.autocast(run.device.type, enabled=run.amp):
+            zs.append(_forward(run, x, sid).float())
+        ids.append(idx)
+    if not zs:
+        return torch.zeros(0, run.image_emb.shape[1], device=run.device), torch.zeros(0, dtype=torch.long)
+    return torch.cat(zs), torch.cat(ids)
+
+
+@torch.no_grad()
+def evaluate(
+    run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index: torch.Tensor | None, prefix: str = "val"
+) -> dict[str, float]:
+    """Encode the rows of ``x`` (in chunks) and score them: :func:`evaluate_embeddings`."""
+    return evaluate_embeddings(run, encode(run, x, subject_index), image_index, prefix)
+
+
+@torch.no_grad()
+def evaluate_embeddings(
+    run: Run, z: torch.Tensor, image_index: torch.Tensor, prefix: str = "val"
+) -> dict[str, float]:
     """Validation loss over the full validation set and N-way top-1/top-5 retrieval.
 
-    Queries are the rows of ``x`` (repetition-averaged epochs); the retrieval gallery is the
-    unique images among ``image_index``.
+    Queries are the brain embeddings ``z`` ``(N, D)`` (of repetition-averaged epochs, encoded
+    by :func:`encode` or streamed by :func:`encode_batches`); the retrieval gallery is the
+    unique images among ``image_index`` ``(N,)``.
 
     The loss is the symmetric InfoNCE of ALL validation rows as one batch
     (:meth:`SymmetricInfoNCE.gallery_loss`, chunked for memory), not of batches of the
@@ -211,7 +320,6 @@ def evaluate(run: Run, x: torch.Tensor, image_index: torch.Tensor, subject_index
     ``O(EVAL_CHUNK x N)``). Fewer than 2 distinct images give a NaN loss: nothing to
     contrast.
     """
-    z = encode(run, x, subject_index)
     idx = image_index.to(run.device).long()
     gallery_idx, targets = torch.unique(idx, return_inverse=True)
     if gallery_idx.numel() >= 2:

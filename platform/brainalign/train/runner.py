@@ -2,8 +2,8 @@
 
 Everything that can be wrong with the inputs (paths, subjects, tables, coverage of image
 ids, shapes) is checked before any Ray resource is requested. Test data are touched only
-here, after training, with the checkpoint selected on validation data; search trials call
-``run_training(..., evaluate_test=False)`` and never load the test split.
+here, after training, with the checkpoint selected on validation data; search trials run
+with ``RunSpec(evaluate_test=False)`` and never load the test split.
 """
 
 from __future__ import annotations
@@ -22,24 +22,30 @@ import numpy as np
 import torch
 
 from .. import tracking
-from .._checks import BrainalignError
-from .._io import atomic_file
+from .._checks import BrainalignError, check_name
+from .._io import atomic_file, check_writable
+from .._ray import check_resources, ensure_ray, loopback_only, watch_resource_wait
 from ..config import TrainConfig
 from ..data.contract import open_dataset
 from ..data.prepare import (
     catalog_embeddings,
     check_normalization,
+    check_sizes,
     check_subjects,
     load_table_for,
     load_test,
+    planned_sizes,
     prepare,
 )
 from ..data.validate import require_valid
 from ..metrics import retrieval_ranks
-from ..paths import ray_storage
+from ..paths import home
 from .loop import build_run, encode
+from .spec import RunSpec, WorkerSpec
 
-__all__ = ["TrainResult", "ensure_ray", "gallery_metric", "load_model", "run_tags", "run_training"]
+# ``ensure_ray`` lives in brainalign._ray (the only module that calls ray.init); it is
+# re-exported here for existing callers.
+__all__ = ["RunSpec", "TrainResult", "ensure_ray", "gallery_metric", "load_model", "run_tags", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +59,6 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
     checkpoint: Path | None = None
-
-
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray with the dashboard.
-
-    Locally we declare at least 4 logical CPUs: a Tune trial, a Train worker and Ray Data
-    each need a whole logical CPU, and on a 2-core machine fewer deadlocks Ray Data.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
-        return
-    ray.init(
-        address="local",  # a new local instance, never a stray cluster registered in /tmp/ray
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        configure_logging=False,
-        log_to_driver=False,
-    )
 
 
 def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, alignment: str,
@@ -100,59 +83,95 @@ def run_tags(cfg: TrainConfig, *, fingerprint: str, source: str, backbone: str, 
     }
 
 
-def run_training(
-    cfg: TrainConfig,
-    *,
-    role: str = "train",
-    parent_run_id: str | None = None,
-    extra_tags: Mapping[str, str] | None = None,
-    callbacks: Sequence[Any] = (),
-    storage_name: str | None = None,
-    evaluate_test: bool = True,
-    save_checkpoint: bool = True,
-    mlflow_uri: str | None = None,
-) -> TrainResult:
-    """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it."""
+def run_training(cfg: TrainConfig, spec: RunSpec | None = None, *, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train ``cfg`` through Ray Train + Ray Data, track it in MLflow, optionally test it.
+
+    Everything that can be wrong is checked before any Ray resource is requested or MLflow
+    run is created: names, subjects, the embedding table (ids and finiteness), encoder
+    shapes, the dataset contract, impossible sizes (a batch larger than the training rows, a
+    validation set smaller than the top-k) and the Ray resources asked for. A run that
+    diverges (NaN/Inf loss or weights) ends FAILED with a :class:`~.loop.NonFiniteError`.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run's config (resolved here: data paths become absolute).
+    spec : RunSpec, optional
+        Role, MLflow parent and tags, stores, test/checkpoint switches (default: a plain
+        ``role="train"`` run that is tested, with this process's stores).
+    callbacks : sequence
+        Ray Train run callbacks (a search trial passes Tune's report callback).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    BrainalignError
+        A problem with the data, the table or the encoder, before any Ray resource or
+        MLflow run exists.
+    """
+    spec = spec or RunSpec()
+    loc = spec.locations
     cfg = cfg.resolved()
+    if spec.storage_name:
+        check_name("Ray storage name", spec.storage_name)
     ds = open_dataset(cfg.data.path)
     check_subjects(ds, cfg.data.subjects, "data.subjects")
     check_subjects(ds, cfg.data.eval_subjects, "data.test_subjects")
-    table, table_path = load_table_for(cfg)
-    needed = ds.image_ids("train") + (ds.image_ids("test") if evaluate_test else [])
+    table, table_path = load_table_for(cfg)  # unknown table, NaN/Inf vectors
+    needed = ds.image_ids("train") + (ds.image_ids("test") if spec.evaluate_test else [])
     emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
     check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
     check_normalization(cfg.data.normalize, ds.meta.n_times)
-    require_valid(ds)  # NaNs, duplicates, test images in training files, ...: once per fingerprint
-    prepared = prepare(cfg)
+    where = f"data.subjects {list(cfg.data.subjects)} of {cfg.data.path}"
+    rows, n_val = planned_sizes(ds, cfg.data.subjects, train_trials=cfg.data.train_trials,
+                                val_fraction=cfg.data.val_fraction, val_split=cfg.data.val_split, seed=cfg.seed)
+    check_sizes(n_train_rows=rows, n_val_images=n_val, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                val_fraction=cfg.data.val_fraction, where=where, planned=True)
+    check_writable(Path(loc.cache), "the cache (BRAINALIGN_CACHE, default $BRAINALIGN_HOME/cache)")
+    require_valid(ds, Path(loc.cache))  # NaNs, duplicates, test images in training files: once per fingerprint
+    check_writable(Path(loc.ray_storage),
+                   "the Ray storage (BRAINALIGN_RAY_STORAGE, default $BRAINALIGN_HOME/ray_results)")
+    uri = loc.tracking_uri
+    if uri.startswith("sqlite:///"):
+        check_writable(Path(uri.removeprefix("sqlite:///")).parent, "the MLflow store (MLFLOW_TRACKING_URI, "
+                       f"default under $BRAINALIGN_HOME={home()})")
+    prepared = prepare(cfg, Path(loc.cache))
+    check_sizes(n_train_rows=prepared.n_train_rows, n_val_images=len(prepared.val_images),
+                batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.data.val_fraction,
+                where=where)
+    ensure_ray()
+    check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+                    what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
+                         f"use_gpu={str(cfg.use_gpu).lower()})")
     emb_path = prepared.root / f"emb-{table.sha256[:16]}.npy"
     if not emb_path.is_file():
         with atomic_file(emb_path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, emb)
 
-    uri = mlflow_uri or tracking.tracking_uri()
     tags = run_tags(cfg, fingerprint=ds.fingerprint, source=str(ds.meta.source.get("kind")),
-                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=role)
-    tags |= dict(extra_tags or {})
+                    backbone=table.backbone, alignment=table.alignment, table_sha=table.sha256, role=spec.role)
+    tags |= dict(spec.tags)
     params = cfg.to_flat() | {"n_train_rows": prepared.n_train_rows, "n_val_rows": prepared.n_val_rows}
     run_name = cfg.run_name or f"{cfg.encoder}-{table.backbone}-{table.alignment}-s{cfg.seed}"
-    run_id = tracking.start_run(cfg.experiment, run_name=run_name, params=params, tags=tags,
-                                parent_run_id=parent_run_id, uri=uri)
-    log.info("MLflow run %s (%s)", run_id, run_name)
-    try:
-        result = _fit(cfg, prepared, emb_path, run_id, uri, callbacks, storage_name, save_checkpoint)
-        if evaluate_test:
+    with tracking.run(cfg.experiment, run_name=run_name, params=params, tags=tags,
+                      parent_run_id=spec.parent_run_id or None, uri=uri) as run_id:
+        log.info("MLflow run %s (%s)", run_id, run_name)
+        splits = "train/val/test" if spec.evaluate_test else "train/val"
+        tracking.log_dataset(run_id, name=ds.root.name, digest=ds.fingerprint, source=str(ds.root), context=splits,
+                             profile={"subjects": list(cfg.data.subjects), "test_subjects": list(cfg.data.eval_subjects),
+                                      "n_chans": ds.meta.n_chans, "n_times": ds.meta.n_times}, uri=uri)
+        tracking.log_dataset(run_id, name=cfg.data.image_table, digest=table.sha256, source=str(table_path),
+                             context="image embeddings", profile={"dim": table.dim}, uri=uri)
+        result = _fit(cfg, spec, prepared, emb_path, run_id, callbacks)
+        if spec.evaluate_test:
             if result.checkpoint is None:
                 raise RuntimeError("training produced no checkpoint to test")
             result.test = _test(cfg, result.checkpoint, emb, ds, run_id, uri)
         _log_artifacts(cfg, result, run_id, uri)
-        tracking.end_run(run_id, "FINISHED", uri=uri)
-    except KeyboardInterrupt:
-        tracking.end_run(run_id, "KILLED", uri=uri)
-        raise
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
-        raise
     return result
 
 
@@ -183,37 +202,42 @@ def _split_dataset(path: Path, nbytes: int) -> Any:
     return ray.data.read_parquet(str(path)).materialize()
 
 
-def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
-         callbacks: Sequence[Any], storage_name: str | None, save_checkpoint: bool) -> TrainResult:
+def _fit(cfg: TrainConfig, spec: RunSpec, prepared: Any, emb_path: Path, run_id: str,
+         callbacks: Sequence[Any]) -> TrainResult:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .ray_worker import train_loop_per_worker
 
-    ensure_ray()
     # Train V2's controller collects a worker's report only when it polls (every 2 s by
     # default) and a worker blocks on its next report until then: short epochs would each
     # cost 2 s. Ray propagates this variable from here to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     row_bytes = 4 * prepared.n_chans * prepared.n_times
     train_bytes = prepared.n_train_rows * row_bytes
+    val_bytes = prepared.n_val_rows * row_bytes
     train_ds = _split_dataset(prepared.train_dir, train_bytes)
-    val_ds = _split_dataset(prepared.val_dir, prepared.n_val_rows * row_bytes)
+    val_ds = _split_dataset(prepared.val_dir, val_bytes)
+    torch_config = None
+    if loopback_only():  # all workers on this machine: keep torch's rendezvous store on 127.0.0.1 too
+        from ._torch_backend import LoopbackTorchConfig
+
+        torch_config = LoopbackTorchConfig()
+    worker = WorkerSpec(
+        config=cfg, emb_path=str(emb_path), n_chans=prepared.n_chans, n_times=prepared.n_times,
+        n_train_rows=prepared.n_train_rows, mlflow_run_id=run_id, tracking_uri=spec.locations.tracking_uri,
+        save_checkpoint=spec.save_checkpoint,
+        # each worker keeps its shard in memory after the first pass when it is small, and the
+        # validation rows when they are small; larger splits stream every epoch (worker memory
+        # bounded in bytes: docs/training.md, "Worker memory")
+        cache_shard=train_bytes <= inline_max_bytes(),
+        cache_val=val_bytes <= inline_max_bytes(),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_flat(),
-            "emb_path": str(emb_path),
-            "n_chans": prepared.n_chans,
-            "n_times": prepared.n_times,
-            "n_train_rows": prepared.n_train_rows,
-            "mlflow_run_id": run_id,
-            "mlflow_uri": uri,
-            "save_checkpoint": save_checkpoint,
-            # each worker keeps its shard in memory after the first pass when it is small
-            "cache_shard": train_bytes <= inline_max_bytes(),
-        },
+        torch_config=torch_config,
+        train_loop_config={"spec": worker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -222,15 +246,22 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=storage_name or f"train-{run_id}",
-            storage_path=str(ray_storage()),
+            name=spec.storage_name or f"train-{run_id}",
+            storage_path=spec.locations.ray_storage,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    try:
+        with watch_resource_wait(f"training run {run_id}"):
+            result = trainer.fit()
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from e
     if result.error:
-        raise result.error
+        raise _user_error(result.error) or result.error
     ckpt_path: Path | None = None
     best: dict[str, Any] = {}
     if result.checkpoint is not None:
@@ -243,6 +274,30 @@ def _fit(cfg: TrainConfig, prepared: Any, emb_path: Path, run_id: str, uri: str,
         best_epoch=int(best.get("best_epoch", -1)),
         checkpoint=ckpt_path,
     )
+
+
+def _user_error(e: BaseException) -> BrainalignError | None:
+    """The :class:`BrainalignError` a Train worker raised (e.g. ``NonFiniteError``), found in the
+    Ray exception that wraps it, re-raised as itself so the user sees the message, not Ray's
+    traceback; None if there is none."""
+    seen: set[int] = set()
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, BrainalignError):
+            try:
+                return type(x)(str(x))
+            except Exception:
+                return BrainalignError(str(x))
+        todo += [getattr(x, "__cause__", None), getattr(x, "__context__", None), getattr(x, "cause", None),
+                 getattr(x, "controller_failure", None)]
+        failures = getattr(x, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo += list(failures.values())
+    return None
 
 
 def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, emb: np.ndarray,

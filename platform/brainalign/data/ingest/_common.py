@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ..._checks import BrainalignError, check_option
+from ..._checks import BrainalignError, check_option, check_range
+from ..._io import claim_dir, mark_staging, sweep_stale
 from ..contract import MANIFEST, SPLITS, DatasetMeta, DatasetWriter, open_dataset
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "SplitStream",
     "SubjectPlan",
     "as_str_list",
+    "check_chunk_mb",
     "check_existing",
     "check_finite",
     "field_error",
@@ -105,8 +107,17 @@ def subject_id(value: int | str) -> str:
     return f"{int(s):02d}"
 
 
+def check_chunk_mb(chunk_mb: float) -> float:
+    """``--chunk-mb``: a positive, finite number of megabytes (it bounds the ingest's memory)."""
+    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, int | float):
+        raise BrainalignError(f"chunk_mb (--chunk-mb) must be a number of megabytes, got {chunk_mb!r}.")
+    return check_range("chunk_mb (--chunk-mb, megabytes per chunk; e.g. 128)", chunk_mb, low=0.0,
+                       low_inclusive=False, high=1 << 20)
+
+
 def items_per_chunk(bytes_per_item: int, chunk_mb: float) -> int:
     """How many items (images or trials) of ``bytes_per_item`` source bytes fit in a chunk."""
+    check_chunk_mb(chunk_mb)
     return max(1, int(chunk_mb * (1 << 20)) // max(1, bytes_per_item))
 
 
@@ -235,17 +246,22 @@ class IngestResult:
     root : Path
         The dataset root.
     fingerprint : str
-        Fingerprint of the inputs and options (stored in ``dataset.json``).
+        Fingerprint of the *inputs* and options (``source.ingest.fingerprint`` in
+        ``dataset.json``): what makes a re-run a no-op.
     up_to_date : bool
         True if the root already held this very ingest and nothing was written.
     rows : dict
         ``{(subject, split): n_rows}`` written (empty when ``up_to_date``).
+    dataset_fingerprint : str
+        The *dataset* fingerprint (``fingerprint`` in ``dataset.json``, of the written files):
+        the one every MLflow run records as ``data_fingerprint``, so the one to search for.
     """
 
     root: Path
     fingerprint: str
     up_to_date: bool
     rows: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    dataset_fingerprint: str = ""
 
 
 def input_fingerprint(inputs: Sequence[Path], options: Mapping[str, Any]) -> str:
@@ -276,8 +292,9 @@ def check_existing(
     if (out / MANIFEST).is_file():
         old = _existing_fingerprint(out)
         if old == fp:
-            log.info("%s is up to date (inputs fingerprint %s); nothing to do", out, fp)
-            return IngestResult(out, fp, True)
+            ds_fp = open_dataset(out).fingerprint
+            log.info("%s is up to date (dataset fingerprint %s, inputs fingerprint %s); nothing to do", out, ds_fp, fp)
+            return IngestResult(out, fp, True, dataset_fingerprint=ds_fp)
         if not overwrite:
             raise BrainalignError(
                 f"{out} already holds a dataset from other inputs or options (fingerprint {old}, these inputs "
@@ -425,10 +442,44 @@ def run_ingest(
     source["ingest"] = {"version": INGEST_VERSION, "fingerprint": fp, "options": dict(options)}
     meta = replace(meta, source=source)
     staging = out.parent / f".{out.name}.ingest-{fp}"
-    others = [p for p in out.parent.glob(f".{out.name}.ingest-*") if p != staging]
-    if others:
-        log.warning("stale staging directories from other ingests of %s (safe to delete): %s", out, others)
+    # staging folders of OUR earlier ingests into this --out with other inputs, whose process is gone
+    for gone in sweep_stale(out.parent, f".{out.name}.ingest-*", exclude=(staging,)):
+        log.warning("removed %s, the staging folder of an earlier, unfinished ingest with other inputs", gone)
+    claim_dir(staging, "ingest-staging")
+    mark_staging(staging)  # this process is writing it now (a concurrent ingest leaves it alone)
+    try:
+        rows = _stage_and_assemble(out, meta, catalog, plans, staging, fp, overwrite=overwrite,
+                                   images_root=images_root, extras=extras, show_progress=show_progress)
+    except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: the subjects already staged stay for a resume (same command); the
+        # subject being written was removed by its own atomic write.
+        log.warning("ingest interrupted: subjects staged so far are kept in %s; run the same command to resume "
+                    "(or delete that folder; the next ingest into %s with other inputs removes it)", staging, out)
+        raise
+    except BaseException:
+        # a failure (bad data found while streaming, full disk ...): the staged data would never be
+        # reused as they are (fixing the input changes its fingerprint), so nothing stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    ds_fp = open_dataset(out).fingerprint
+    log.info("wrote %s (%d subjects, dataset fingerprint %s, inputs fingerprint %s)", out, len(plans), ds_fp, fp)
+    return IngestResult(out, fp, False, rows, dataset_fingerprint=ds_fp)
 
+
+def _stage_and_assemble(
+    out: Path,
+    meta: DatasetMeta,
+    catalog: Catalog,
+    plans: Sequence[SubjectPlan],
+    staging: Path,
+    fp: str,
+    *,
+    overwrite: bool,
+    images_root: Path | None,
+    extras: Callable[[Path], None] | None,
+    show_progress: bool,
+) -> dict[tuple[str, str], int]:
     rows: dict[tuple[str, str], int] = {}
     for plan in plans:
         sub_root = staging / f"sub-{plan.subject}"
@@ -461,6 +512,4 @@ def run_ingest(
             for stream in plan.streams:
                 for f in staged.epoch_files(plan.subject, stream.split):
                     _link_or_copy(f, w.tmp / f.relative_to(staged.root))
-    shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s (%d subjects, fingerprint %s)", out, len(plans), fp)
-    return IngestResult(out, fp, False, rows)
+    return rows

@@ -48,6 +48,7 @@ from ._common import (
     IngestResult,
     SplitStream,
     SubjectPlan,
+    check_chunk_mb,
     check_existing,
     check_finite,
     field_error,
@@ -171,6 +172,32 @@ def _open_betas(path: Path, subject: str, design: ExpDesign, key: str | None, n_
         if ds.dtype.kind not in "fiu":
             raise field_error(path, keys[0], "numeric voxel values", f"dtype {ds.dtype}")
         rows, n_vox = int(ds.shape[0]), int(ds.shape[1])
+    n_design = design.masterordering.size
+    if n_vox == n_design and rows != n_design:
+        raise field_error(
+            path,
+            keys[0],
+            f"(n_trials, n_voxels) with one row per trial of {design.path.name} ({n_design} trials)",
+            f"shape {ds.shape}: the columns, not the rows, match the design's trial count, so the array is "
+            "stored transposed (n_voxels, n_trials), as MATLAB writes it. Transpose it (e.g. h5py: "
+            "f.create_dataset(key, data=old[...].T)) and ingest the result",
+        )
+    if n_vox > rows and n_vox <= n_design and n_trials is None:
+        raise field_error(
+            path,
+            keys[0],
+            f"(n_trials, n_voxels): trials as rows (real NSD files: ~30000 x ~15000), at most {n_design} "
+            f"trials ({design.path.name})",
+            f"shape {ds.shape}: more columns than rows, and the columns could be this design's trials, so the "
+            "array looks stored transposed (n_voxels, n_trials), as MATLAB writes it. Transpose it; or, if the "
+            "rows really are trials, say how many to use with --n-trials",
+        )
+    if n_vox > rows:
+        log.warning(
+            "%s: %r has more columns (%d) than rows (%d). Rows must be trials and columns voxels; real NSD "
+            "files have ~30000 trials x ~15000 voxels. If this file is stored transposed, transpose it first.",
+            path, keys[0], n_vox, rows,
+        )
     n = rows if n_trials is None else int(n_trials)
     if not 1 <= n <= rows:
         raise field_error(path, keys[0], f"at least n_trials={n} rows", rows)
@@ -360,6 +387,7 @@ def ingest_nsd(
         differ (ingest one root per subject then).
     """
     check_option("repetitions", repetitions, ("keep", "average"))
+    check_chunk_mb(chunk_mb)
     if not betas:
         raise BrainalignError("betas: give at least one subject -> HDF5 file.")
     files = {subject_id(s): Path(p) for s, p in betas.items()}

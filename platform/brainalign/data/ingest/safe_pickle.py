@@ -142,7 +142,7 @@ class FileBackedArray:
         if out.size != count:
             raise BrainalignError(
                 f"{self.path}: file is truncated: expected {count} values of {self.dtype} at byte "
-                f"{self.offset + start * row * self.dtype.itemsize}, got {out.size}."
+                f"{self.offset + start * row * self.dtype.itemsize}, got {out.size}; re-download it."
             )
         return out.reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
@@ -172,7 +172,7 @@ class _FileSpan:
             f.seek(self.offset)
             data = f.read(self.length)
         if len(data) != self.length:
-            raise BrainalignError(f"{self.path}: truncated pickle payload at byte {self.offset}.")
+            raise BrainalignError(f"{self.path}: truncated pickle payload at byte {self.offset}; re-download it.")
         return data
 
 
@@ -394,6 +394,12 @@ def _unpickle(f: io.BufferedReader, path: Path) -> Any:
         OverflowError,
         MemoryError,  # e.g. an array header claiming an absurd shape
     ) as e:
+        cut = isinstance(e, EOFError) or "exhausted" in str(e) or "truncated" in str(e)
+        if cut:
+            raise BrainalignError(
+                f"{path}: the file is truncated (its pickle ends early: {type(e).__name__}: {e or 'end of file'}); "
+                "the download or copy was cut short: re-download it."
+            ) from e
         raise BrainalignError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
     return _resolve(obj, {})
 
@@ -457,7 +463,8 @@ def load_npy(path: Path | str) -> np.ndarray | FileBackedArray:
                 # (3, 0): utf-8 header; numpy has no public reader for it
                 shape, fortran, dtype = npformat._read_array_header(f, version)  # type: ignore[attr-defined]
         except ValueError as e:
-            raise BrainalignError(f"{path}: invalid .npy header ({e}).") from e
+            hint = "; the file is truncated: re-download it" if "EOF" in str(e) else ""
+            raise BrainalignError(f"{path}: invalid .npy header ({e}){hint}.") from e
         if dtype.hasobject:
             arr = _unpickle(f, path)
             if not isinstance(arr, np.ndarray) or tuple(arr.shape) != tuple(shape):
@@ -471,7 +478,7 @@ def load_npy(path: Path | str) -> np.ndarray | FileBackedArray:
     if offset + fb.nbytes > path.stat().st_size:
         raise BrainalignError(
             f"{path}: truncated file: the header says {shape} {dtype} ({fb.nbytes} bytes from byte {offset}), "
-            f"the file has {path.stat().st_size} bytes."
+            f"the file has {path.stat().st_size} bytes; re-download it."
         )
     return fb
 

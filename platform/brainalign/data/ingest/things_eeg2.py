@@ -48,6 +48,7 @@ from ._common import (
     SplitStream,
     SubjectPlan,
     as_str_list,
+    check_chunk_mb,
     check_existing,
     check_finite,
     field_error,
@@ -232,7 +233,21 @@ class _EEGFile:
         return int(self.data.shape[1])
 
 
-def _open_eeg_file(path: Path, split: str, fmt: EEG2Format, n_images: int) -> _EEGFile:
+_COMMANDS = {"nice": "things-eeg2", "gifford": "things-eeg2-gifford"}
+
+
+def _other_release(fmt: EEG2Format, shape: tuple[int, ...]) -> str:
+    """`` (this looks like ...: use `brainalign data ingest ...`)`` when a file fits the other release."""
+    for other in FORMATS.values():
+        if other.key != fmt.key and len(shape) == 4 and shape[2:] == (other.n_chans, other.n_times):
+            return (
+                f" This file looks like the {other.key!r} release ({other.n_chans} channels x {other.n_times} "
+                f"samples): use `brainalign data ingest {_COMMANDS[other.key]}` (release={other.key!r}) instead."
+            )
+    return ""
+
+
+def _open_eeg_file(path: Path, split: str, fmt: EEG2Format, n_images: int, metadata: Path | None = None) -> _EEGFile:
     """Open one subject file and check everything but the values (those are checked while streaming)."""
     if not path.is_file():
         raise BrainalignError(
@@ -251,6 +266,15 @@ def _open_eeg_file(path: Path, split: str, fmt: EEG2Format, n_images: int) -> _E
         raise field_error(path, _DATA, "a numpy array", type(data).__name__)
     want = f"(n_images={n_images}, n_reps, n_chans={fmt.n_chans}, n_times={fmt.n_times}) ({fmt.key} release)"
     shape = tuple(data.shape)
+    if len(shape) == 4 and shape[2:] != (fmt.n_chans, fmt.n_times) and _other_release(fmt, shape):
+        raise BrainalignError(f"{path}: field {_DATA!r}: expected shape {want}, got {shape}.{_other_release(fmt, shape)}")
+    if len(shape) == 4 and shape[0] != n_images and shape[2:] == (fmt.n_chans, fmt.n_times):
+        meta_name = str(metadata) if metadata is not None else "image_metadata.npy"
+        raise BrainalignError(
+            f"{path}: field {_DATA!r}: expected shape {want}, got {shape}: the file holds {shape[0]} {split} images "
+            f"but image_metadata.npy ({meta_name}) lists {n_images}. The EEG files and image_metadata.npy must "
+            "come from the same Things-EEG2 release (download both again from the same place)."
+        )
     if len(shape) != 4 or shape[0] != n_images or shape[1] < 1 or shape[2:] != (fmt.n_chans, fmt.n_times):
         raise field_error(path, _DATA, f"shape {want}", shape)
     if data.dtype.kind != "f" or data.dtype.itemsize not in (4, 8):
@@ -432,9 +456,15 @@ def ingest_things_eeg2(
     """
     fmt = FORMATS[check_option("release", release, FORMATS)]
     check_option("repetitions", repetitions, ("keep", "average"))
+    check_chunk_mb(chunk_mb)
     eeg_dir, metadata = Path(eeg_dir), Path(metadata)
     if not eeg_dir.is_dir():
         raise BrainalignError(f"{eeg_dir} is not a directory; expected the folder holding sub-XX/.")
+    if metadata.is_dir():
+        hint = f" ({metadata / 'image_metadata.npy'} exists: pass that)" if (metadata / "image_metadata.npy").is_file() else ""
+        raise BrainalignError(
+            f"--metadata {metadata} is a directory; expected the file image_metadata.npy of the release{hint}."
+        )
     subs = [subject_id(s) for s in subjects] if subjects else _find_subjects(eeg_dir)
     if len(set(subs)) != len(subs):
         raise BrainalignError(f"subjects {subs} contain duplicates.")
@@ -461,7 +491,7 @@ def ingest_things_eeg2(
     catalog = read_image_metadata(metadata)
     ids = {sp: [i for i, s in zip(catalog.image_ids, catalog.splits, strict=True) if s == sp] for sp in FILES}
     cons = {sp: [c for c, s in zip(catalog.concepts, catalog.splits, strict=True) if s == sp] for sp in FILES}
-    opened = {s: {sp: _open_eeg_file(files[s][sp], sp, fmt, len(ids[sp])) for sp in FILES} for s in subs}
+    opened = {s: {sp: _open_eeg_file(files[s][sp], sp, fmt, len(ids[sp]), metadata) for sp in FILES} for s in subs}
     first = opened[subs[0]]["train"]
     for s in subs:  # the same channels, times and repetition counts everywhere
         for sp in FILES:

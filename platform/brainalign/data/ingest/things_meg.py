@@ -46,6 +46,7 @@ from ._common import (
     IngestResult,
     SplitStream,
     SubjectPlan,
+    check_chunk_mb,
     check_existing,
     check_finite,
     field_error,
@@ -338,6 +339,7 @@ def ingest_things_meg(
     BrainalignError
         Naming the file, the field and what was expected.
     """
+    check_chunk_mb(chunk_mb)
     check_option("repetitions", repetitions, ("keep", "average"))
     meg_dir = Path(meg_dir)
     if not meg_dir.is_dir():

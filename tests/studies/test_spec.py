@@ -1,4 +1,4 @@
-"""Study and search-space validation: every problem fails before compute, with a clear message."""
+"""The study file (both kinds) and search spaces: every problem fails before compute, with a clear message."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 
 from brainalign import BrainalignError
 from brainalign.encoders import list_encoders
-from brainalign.sweep import load_searchspace, load_study
-from brainalign.sweep.study import Resources
+from brainalign.studies import STUDY_OWNED, load_searchspace, load_study
+from brainalign.studies.spec import Resources
 
 REPO = Path(__file__).resolve().parents[2]
 SPACES = sorted((REPO / "searchspaces").glob("*.toml"))
-STUDIES = sorted((REPO / "jobs").glob("*study*.toml"))
+STUDIES = sorted(p for p in (REPO / "jobs").glob("*.toml") if "[study]" in p.read_text())
 
 SPACE = """
 encoder = "nice"
@@ -21,7 +21,7 @@ metric = "val_top1_best"
 mode = "max"
 [params]
 lr = { float = [1e-5, 1e-3], log = true }
-batch_size = { choice = [64, 128] }
+batch_size = { choice = [32, 64] }
 """
 
 STUDY = """
@@ -51,23 +51,29 @@ def _write(tmp_path: Path, study: str = STUDY, space: str = SPACE) -> Path:
 
 def test_valid_study_parses(tmp_path: Path) -> None:
     s = load_study(_write(tmp_path))
-    assert s.name == "unit" and s.search_subject == "01" and s.final_seeds == (0, 1)
+    assert s.kind == "sweep" and s.name == "unit" and s.experiment == "unit"
+    assert s.options.search_subject == "01" and s.final_seeds == (0, 1)
     assert [a.name for a in s.arms()] == ["nice__sim-clip__simulated", "nice__sim-clip__none"]
-    assert s.n_runs() == {"searches": 2, "trials": 4, "finals": 8}
-    flat = s.base_flat(s.arms()[1], "02", 1)
+    flat = s.run_flat(s.arms()[1], subjects=("02",), seed=1, run_name="r")
     assert flat["data.image_table"] == "sim-clip:none" and flat["data.subjects"] == ("02",)
     assert flat["experiment"] == "unit" and flat["epochs"] == 4 and flat["batch_size"] == 16
+    assert set(STUDY_OWNED) <= set(flat)
     assert s.resources == Resources()
     assert s.fingerprint() == load_study(tmp_path / "study.toml").fingerprint()
+    # an explicit kind = "sweep" is the default: same study, same fingerprint (resume keeps working)
+    explicit = load_study(_write(tmp_path, STUDY.replace("[study]\n", '[study]\nkind = "sweep"\n', 1)))
+    assert explicit.fingerprint() == s.fingerprint()
 
 
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (("trials = 2", "trails = 2"), r"unknown key 'trails'.*Did you mean 'trials'"),
-        (("[resources]", "[resource]"), r"unknown key 'resource'.*Did you mean 'resources'"),
+        (("trials = 2", "trails = 2"), r"Invalid key in .*\[study\]: 'trails'.*Did you mean 'trials'"),
+        (("[resources]", "[resource]"), r"Invalid key in .*: 'resource'.*Did you mean 'resources'"),
         (("workers_per_trial = 1", "workers_per_trail = 1"), r"Did you mean 'workers_per_trial'"),
-        (("batch_size = 16\n", "batch_sise = 16\n"), r"\[config\] 'batch_sise' is not a TrainConfig key.*'batch_size'"),
+        (("batch_size = 16\n", "batch_sise = 16\n"), r"\[config\] key \(a TrainConfig key\) 'batch_sise'.*'batch_size'"),
+        (('name = "unit"', 'name = "unit"\nkind = "sweeep"'), r"Invalid study kind 'sweeep'.*Did you mean 'sweep'"),
+        (('name = "unit"', 'name = "unit"\nconfig_from_run = "x"'), r"Invalid key .*'config_from_run'"),
         (("batch_size = 16\n", "epochs = 3\n"), r"\[config\] 'epochs' is set by \[study\] max_epochs"),
         (("grace_period = 1", "grace_period = 9"), r"grace_period \(9\) must be <= max_epochs \(4\)"),
         (('subjects = ["01", "02"]', 'subjects = ["01", "01"]'), r"subjects has duplicates"),
@@ -75,10 +81,10 @@ def test_valid_study_parses(tmp_path: Path) -> None:
          r"search_subject '02' is not one of the study subjects"),
         (('name = "nice"', 'name = "nise"'), r"Did you mean 'nice'"),
         (('aligned = "simulated"', 'aligned = "none"'), r"aligned and base must differ"),
-        (("final_seeds = 2", "final_seeds = 0"), r"final_seeds must be >= 1"),
+        (("final_seeds = 2", "final_seeds = 0"), r"final_seeds must be in \[1, inf\), got 0"),
         (("final_seeds = 2", "final_seeds = [1, 1]"), r"final_seeds has duplicates"),
         (("workers_per_trial = 1", "trial_cpus = 0"), r"trial_cpus must be > 0 \(Ray refuses a 0-CPU trial\)"),
-        (('name = "unit"', 'name = "a b"'), r"may only hold letters"),
+        (('name = "unit"', 'name = "a b"'), r"\[study\] name 'a b' is not allowed.*plain name"),
         (("[config]\nbatch_size = 16", "[config]\nwarmup_epochs = 6"), r"\[config\] \(with max_epochs = 4\) is invalid: warmup_epochs must be in \[0, 3\]"),
     ],
 )
@@ -106,7 +112,7 @@ def test_missing_searchspace_lists_places(tmp_path: Path, monkeypatch: pytest.Mo
         load_study(p)
     (tmp_path / "searchspaces").mkdir()
     (tmp_path / "searchspaces" / "nice.toml").write_text(SPACE)
-    assert load_study(p).encoders[0].space.path == str((tmp_path / "searchspaces" / "nice.toml").resolve())
+    assert load_study(p).options.space("nice").path == str((tmp_path / "searchspaces" / "nice.toml").resolve())
 
 
 @pytest.mark.parametrize(
@@ -116,8 +122,8 @@ def test_missing_searchspace_lists_places(tmp_path: Path, monkeypatch: pytest.Mo
         ("lr = { float = [0.0, 1e-3], log = true }", r"'lr': a log-scale range needs low > 0"),
         ("batch_size = { choice = [] }", r"'batch_size': choice must be a non-empty list"),
         ("batch_size = { choice = [1, 64] }", r"batch_size values must be >= 2"),
-        ("lr = { float = [1e-5, 1e-3], lg = true }", r"unknown key 'lg'.*Did you mean 'log'"),
-        ("lr = { uniform = [1e-5, 1e-3] }", r"unknown key 'uniform'"),
+        ("lr = { float = [1e-5, 1e-3], lg = true }", r"Invalid key .*'lg'.*Did you mean 'log'"),
+        ("lr = { uniform = [1e-5, 1e-3] }", r"Invalid key .*'uniform'"),
         ("lr = [1e-5, 1e-3]", r"'lr' must be a table"),
         ("temprature = { float = [0.02, 0.2] }", r"'temprature' is not a TrainConfig key.*Did you mean 'temperature'"),
         ('"arch.drop_prb" = { float = [0.1, 0.5] }', r"not an architecture option of encoder 'nice'.*'drop_prob'"),
@@ -142,7 +148,7 @@ def test_searchspace_errors(tmp_path: Path, param: str, match: str) -> None:
         ('encoder = "nice"\nmetric = "test_top1"\n', r"metric 'test_top1' is not a validation metric.*never used"),
         ('encoder = "nice"\nmetric = "val_loss"\nmode = "max"\n', r"'val_loss' is selected with mode 'min'"),
         ('encoder = "nise"\n', r"Did you mean 'nice'"),
-        ('encoder = "nice"\nmetrc = "val_top1"\n', r"unknown key 'metrc'.*Did you mean 'metric'"),
+        ('encoder = "nice"\nmetrc = "val_top1"\n', r"Invalid key .*'metrc'.*Did you mean 'metric'"),
         ('metric = "val_top1"\n', r"missing required key 'encoder'"),
     ],
 )
@@ -167,7 +173,7 @@ def test_nested_arch_table_is_flattened(tmp_path: Path) -> None:
 
 
 def test_simulated_dataset_contents_are_checked_before_simulating(tmp_path: Path) -> None:
-    from brainalign.sweep import ensure_dataset
+    from brainalign.studies import ensure_dataset
 
     bad = STUDY.replace('dataset = "data/sim-tiny"', 'dataset = "data/sim-tiny"\nsimulate = { preset = "tiny" }')
     s = load_study(_write(tmp_path, bad.replace('backbone = "sim-clip"', 'backbone = "sim-clipp"')))
@@ -182,10 +188,11 @@ def test_simulated_dataset_contents_are_checked_before_simulating(tmp_path: Path
 
 
 def test_validate_data_checks_tables_and_subjects(tmp_path: Path, tiny_dataset: Path) -> None:
-    from brainalign.sweep import validate_data
+    from brainalign.studies import validate_data
 
     study = STUDY.replace('dataset = "data/sim-tiny"', f'dataset = "{tiny_dataset}"')
-    validate_data(load_study(_write(tmp_path, study)))
+    s = load_study(_write(tmp_path, study))
+    validate_data(s, {e: s.options.space(e) for e in s.encoders})
     with pytest.raises(BrainalignError, match=r"image table 'sim-clip:aligned' is not in dataset"):
         validate_data(load_study(_write(tmp_path, study.replace('aligned = "simulated"', 'aligned = "aligned"'))))
     with pytest.raises(BrainalignError, match=r"subjects \['03'\] are not in dataset"):
@@ -195,6 +202,12 @@ def test_validate_data_checks_tables_and_subjects(tmp_path: Path, tiny_dataset: 
     too_short = study + '"arch.kernel_time" = 90\n'
     with pytest.raises(BrainalignError, match=r"encoder 'nice' cannot take the epochs .*17 channels x 100 samples.*kernel_time"):
         validate_data(load_study(_write(tmp_path, too_short)))
+    # a searched arch bound the dataset cannot take fails as well
+    space = SPACE + '"arch.kernel_time" = { int = [10, 90] }\n'
+    s = load_study(_write(tmp_path, study, space=space))
+    validate_data(s)  # without the spaces only [config] is built
+    with pytest.raises(BrainalignError, match=r"with arch.kernel_time = 90 cannot take"):
+        validate_data(s, {"nice": s.options.space("nice")})
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -211,31 +224,85 @@ def test_every_searchspace_validates(path: Path) -> None:
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
 def test_every_job_study_validates(path: Path) -> None:
     study = load_study(path)
-    assert study.arms() and study.subjects
+    assert study.arms() and study.subjects and study.kind in ("sweep", "cross_subject")
 
 
-def test_cli_check_validates_and_prints_the_plan(tmp_path: Path, tiny_dataset: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from brainalign.cli import main
+XS = """
+[study]
+kind = "cross_subject"
+name = "xs"
+dataset = "data/sim-tiny"
+subjects = ["01", "02"]
+encoders = ["nice"]
+pairs = [{ backbone = "sim-clip", aligned = "simulated" }]
+max_epochs = 3
+final_seeds = [7]
+[config]
+batch_size = 16
+"""
 
-    path = _write(tmp_path, STUDY.replace('dataset = "data/sim-tiny"', f'dataset = "{tiny_dataset}"'))
-    assert main(["sweep", "--study", str(path), "--check"]) == 0
-    out = capsys.readouterr().out
-    assert "2 searches of 2 trials" in out and "8 finals (2 subjects x 2 seeds per arm)" in out
-    assert "check out" in out
-    bad = _write(tmp_path, STUDY.replace("trials = 2", "trails = 2"))
-    assert main(["sweep", "--study", str(bad), "--check"]) == 2
-    assert "Did you mean 'trials'" in capsys.readouterr().err
+
+def test_cross_subject_study_parses_with_the_same_format(tmp_path: Path) -> None:
+    s = load_study(_write(tmp_path, XS))
+    assert s.kind == "cross_subject" and s.options.config_from_run == "" and s.final_seeds == (7,)
+    flat = s.run_flat(s.arms()[0], subjects=("01",), test_subjects=("02",), seed=7, run_name="r")
+    assert flat["data.subjects"] == ("01",) and flat["data.test_subjects"] == ("02",) and flat["epochs"] == 3
 
 
-def test_concurrency_from_cluster_resources() -> None:
-    from brainalign.sweep.search import max_concurrent_trials
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (('subjects = ["01", "02"]', 'subjects = ["01"]'), r"needs at least 2 subjects"),
+        (('final_seeds = [7]', 'final_seeds = [7]\nconfig_from_run = "a"\nconfig_from_sweep = "b"'), r"not both"),
+        (('final_seeds = [7]', 'final_seeds = [7]\ntrials = 2'), r"Invalid key .*'trials'"),
+        (('encoders = ["nice"]', 'encoders = [{ name = "nice", searchspace = "s.toml" }]'),
+         r"Invalid key .*encoders entry.*'searchspace'"),
+        (("batch_size = 16", "seed = 3"), r"\[config\] 'seed' is set by \[study\] seed and final_seeds"),
+        (("batch_size = 16", "num_workers = 2"), r"'num_workers' is set by \[resources\] workers_per_trial"),
+    ],
+)
+def test_cross_subject_errors(tmp_path: Path, edit: tuple[str, str], match: str) -> None:
+    assert edit[0] in XS
+    with pytest.raises(BrainalignError, match=match):
+        load_study(_write(tmp_path, XS.replace(*edit, 1)))
 
-    assert max_concurrent_trials(Resources(), {"CPU": 4.0}) == 2
-    assert max_concurrent_trials(Resources(trial_cpus=1.0), {"CPU": 4.0}) == 1
-    assert max_concurrent_trials(Resources(workers_per_trial=2), {"CPU": 16.0}) == 7
-    assert max_concurrent_trials(Resources(use_gpu=True), {"CPU": 16.0, "GPU": 2.0}) == 2
-    with pytest.raises(BrainalignError, match="one free CPU for Ray Data"):
-        max_concurrent_trials(Resources(), {"CPU": 2.0})
-    with pytest.raises(BrainalignError, match="use_gpu needs 1 GPU"):
-        max_concurrent_trials(Resources(use_gpu=True), {"CPU": 4.0})
+
+def test_set_overrides_edit_the_file_and_the_config(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    s = load_study(path, ["study.final_seeds=[3, 4]", "study.trials=3", "resources.cpus_per_worker=2",
+                          "weight_decay=0.01", "config.data.normalize=none", "study.dataset=/abs/data"])
+    assert s.final_seeds == (3, 4) and s.options.trials == 3 and s.resources.cpus_per_worker == 2.0
+    assert s.overrides == {"weight_decay": 0.01, "data.normalize": "none"}
+    assert s.dataset == "/abs/data"
+    flat = s.run_flat(s.arms()[0], subjects=("01",), seed=0, run_name="r", inherited={"weight_decay": 0.5})
+    assert flat["weight_decay"] == 0.01  # --set wins over an inherited config
+    assert s.fingerprint() != load_study(path).fingerprint()  # a resumed study must get the same --set
+    with pytest.raises(BrainalignError, match=r"--set key .*'wieght_decay'.*Did you mean 'weight_decay'"):
+        load_study(path, ["wieght_decay=0.1"])
+    with pytest.raises(BrainalignError, match=r"--set 'epochs' is set by \[study\] max_epochs"):
+        load_study(path, ["epochs=3"])
+    with pytest.raises(BrainalignError, match=r"would override what the search space .* searches"):
+        load_study(path, ["lr=1e-3"])
+    with pytest.raises(BrainalignError, match="must look like KEY=VALUE"):
+        load_study(path, ["lr"])
+    with pytest.raises(BrainalignError, match=r"Invalid key in .*\[study\]: 'trails'"):
+        load_study(path, ["study.trails=3"])
+
+
+def test_inherited_configs_never_carry_study_owned_or_machine_keys() -> None:
+    from brainalign.studies.spec import INHERIT_NEVER, inheritable
+
+    flat = {"lr": 1e-3, "seed": 9, "data.path": "/x", "torch_threads": 4, "data.embeddings_dir": "/e", "epochs": 99}
+    assert inheritable(flat) == {"lr": 1e-3}
+    assert {"seed", "data.path", "epochs", "torch_threads", "data.embeddings_dir"} <= INHERIT_NEVER
+
+
+def test_kind_registry_refuses_duplicates_and_common_keys() -> None:
+    from brainalign.studies import StudyKind, kind_info, list_kinds, register_kind
+
+    assert {"sweep", "cross_subject"} <= set(list_kinds())
+    sweep = kind_info("sweep")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_kind(sweep)
+    with pytest.raises(ValueError, match="redefines common"):
+        register_kind(StudyKind("x-unit-test", ("subjects",), sweep.parse, sweep.plan))

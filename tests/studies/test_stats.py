@@ -1,16 +1,14 @@
-"""Report statistics against scipy, degenerate cases, and the rendered outputs."""
+"""The report's statistics against scipy, and their degenerate cases."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from brainalign.sweep.report import FinalRow, compare, mean_sem, paired_tests, read_runs_csv, write_report
+from brainalign.studies._stats import FinalRow, compare, mean_sem, paired_tests, summarize
 
 
 def _rows(rng: np.random.Generator, n_sub: int = 4, n_seed: int = 3, effect: float = 0.05) -> list[FinalRow]:
@@ -86,34 +84,16 @@ def test_compare_refuses_unmatched_arms() -> None:
         compare(rows[:-1], "test_top1")
 
 
-def test_write_report_files_and_csv_round_trip(tmp_path: Path) -> None:
-    rows = _rows(np.random.default_rng(3), n_sub=2, n_seed=2)
-    rep = write_report(rows, tmp_path / "r", title="unit", context={"study": "unit"})
-    assert {p.name for p in rep.files.values()} == {"table.md", "table.html", "figure.png", "runs.csv", "stats.json"}
-    assert all(p.stat().st_size > 0 for p in rep.files.values())
-    assert rep.files["figure.png"].read_bytes()[:4] == b"\x89PNG"
-    assert read_runs_csv(rep.files["runs.csv"].read_text()) == rows
-    md = rep.markdown
-    assert "| nice | sim-clip (simulated vs none) | top-1 |" in md and "Human-aligned" in md
-    assert "Wilcoxon across subjects" in md  # n = 2 subjects: noted
-    assert "<table>" in rep.files["table.html"].read_text()
-    doc = json.loads(rep.files["stats.json"].read_text())
-    assert doc["context"] == {"study": "unit"} and len(doc["comparisons"]) == 2 and len(doc["runs"]) == 8
-
-
-def test_large_gallery_metrics_are_compared_with_their_chance(tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
-    rows = [FinalRow(r.encoder, r.backbone, r.alignment, r.arm, r.subject, r.seed, r.run_id, r.test_top1, r.test_top5,
-                     r.test_n_way, extra={"test_top1_16740way": r.test_top1 / 4, "test_top5_16740way": r.test_top5 / 3})
-            for r in _rows(rng)]
-    rep = write_report(rows, tmp_path / "r", title="gallery")
-    by = {s.metric: s for s in rep.stats}
-    assert list(by) == ["test_top1", "test_top5", "test_top1_16740way", "test_top5_16740way"]
-    big = by["test_top1_16740way"]
-    assert big.chance == pytest.approx(1 / 16740) and by["test_top5_16740way"].chance == pytest.approx(5 / 16740)
-    subj = sorted({r.subject for r in rows})
-    a = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "aligned" and r.subject == s]) for s in subj]
-    b = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "base" and r.subject == s]) for s in subj]
-    assert big.ttest_subjects.p == pytest.approx(stats.ttest_rel(a, b).pvalue)
-    assert "top-1 (16740-way)" in rep.markdown and "| top-1 |" in rep.markdown  # both n-ways reported
-    assert read_runs_csv(rep.files["runs.csv"].read_text()) == rows
+def test_subject_differences_are_the_cross_subject_numbers() -> None:
+    """Mean +- s.e.m. of the per-subject differences (the cross-subject table's summary row)
+    and the across-subject tests equal scipy on the seed-averaged values."""
+    rows = _rows(np.random.default_rng(4), n_sub=4, n_seed=2)
+    (c,) = [x for x in summarize(rows) if x.metric == "test_top5"]
+    subs = sorted({r.subject for r in rows})
+    a = [np.mean([r.test_top5 for r in rows if r.subject == s and r.arm == "aligned"]) for s in subs]
+    b = [np.mean([r.test_top5 for r in rows if r.subject == s and r.arm == "base"]) for s in subs]
+    d = np.subtract(a, b)
+    assert c.diff_subject_mean == pytest.approx(d.mean()) and c.diff_subject_sem == pytest.approx(stats.sem(d))
+    assert c.ttest_subjects.statistic == pytest.approx(stats.ttest_rel(a, b).statistic)
+    assert c.wilcoxon_subjects.p == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert [x.metric for x in summarize(rows)] == ["test_top1", "test_top5"]

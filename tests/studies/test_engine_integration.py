@@ -1,8 +1,10 @@
-"""A real tiny study: Ray Tune + Optuna + ASHA + Ray Train + MLflow (SQLite), resumed.
+"""A real tiny sweep through the engine: Ray Tune + Optuna + ASHA + Ray Train + MLflow
+(SQLite), resumed.
 
 One study runs once per module (2 arms x 2 trials x 2 epochs on subject 01, then finals on
-2 subjects x 2 seeds per arm); the tests inspect what it left in MLflow, in Ray's storage and
-in the report, then interrupt-and-resume it and count runs.
+2 subjects x 2 seeds per arm); the tests inspect what it left in MLflow (the layout a
+researcher browses: tags, datasets, system metrics, pruned trials, the description), in
+Ray's storage and in the report, then interrupt-and-resume it and count runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,9 +66,12 @@ def _runs(home: Path, experiment: str = "sweep-it") -> list[Any]:
 
 @pytest.fixture(scope="module")
 def study_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from brainalign.sweep import load_study, run_study
+    from brainalign.studies import load_study, run_study
 
     home = tmp_path_factory.mktemp("sweep-home")
+    library_log = logging.getLogger("brainalign")
+    level = library_log.level
+    library_log.setLevel(logging.INFO)  # what the CLI configures: the study's log file gets INFO records
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BRAINALIGN_HOME", str(home))
         for var in ("MLFLOW_TRACKING_URI", "BRAINALIGN_CACHE", "BRAINALIGN_RAY_STORAGE"):
@@ -74,7 +80,8 @@ def study_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.
         path = home / "study.toml"
         path.write_text(STUDY.format(dataset=tiny_dataset))
         study = load_study(path)
-        outcome = run_study(study, verbose=0)
+        outcome = run_study(study, live=False)
+        library_log.setLevel(level)
         yield SimpleNamespace(home=home, study=study, outcome=outcome, path=path)
 
 
@@ -92,17 +99,19 @@ def test_mlflow_tree_roles_parents_tags_and_curves(study_run: Any, home: Path) -
     assert {k: len(v) for k, v in by_role.items()} == {"report": 1, "search": 2, "trial": 4, "final": 8}
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     (parent,) = by_role["report"]
-    assert parent.info.run_id == study_run.outcome.parent_run_id
+    assert parent.info.run_id == study_run.outcome.study_run_id
     searches = {r.info.run_id: r for r in by_role["search"]}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in searches.values())
     assert {r.data.tags["alignment"] for r in searches.values()} == {"simulated", "none"}
+    by_arm = {r.data.tags["search"]: r for r in searches.values()}
     for r in by_role["trial"] + by_role["final"]:
         tags = r.data.tags
-        assert tags["mlflow.parentRunId"] in searches
-        search = searches[tags["mlflow.parentRunId"]]
-        for key in ("brain_encoder", "backbone", "alignment", "subject", "seed", "role"):
+        for key in ("brain_encoder", "backbone", "alignment", "subject", "seed", "role", "study", "study_kind"):
             assert tags.get(key), (key, r.info.run_name)
+        search = searches.get(tags["mlflow.parentRunId"]) or by_arm[tags["search"]]
         assert tags["alignment"] == search.data.tags["alignment"] and tags["brain_encoder"] == "nice"
+    assert all(r.data.tags["mlflow.parentRunId"] in searches for r in by_role["trial"])
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_role["final"])
     assert {r.data.tags["subject"] for r in by_role["trial"]} == {"01"}
     finals = Counter((r.data.tags["alignment"], r.data.tags["subject"], r.data.tags["seed"]) for r in by_role["final"])
     assert set(finals.values()) == {1} and len(finals) == 8
@@ -114,6 +123,36 @@ def test_mlflow_tree_roles_parents_tags_and_curves(study_run: Any, home: Path) -
         assert 0.0 <= r.data.metrics["test_top1"] <= r.data.metrics["test_top5"] <= 1.0
     for s in searches.values():
         assert "best_val_top1_best" in s.data.metrics and s.data.metrics["n_trials"] == 2
+
+
+def test_mlflow_is_what_a_researcher_expects(study_run: Any, home: Path) -> None:
+    """Model-development experiment, datasets as run inputs, system metrics on every Train run,
+    ASHA's stopped trials tagged pruned, the report table as the study run's description."""
+    client = _client(home)
+    exp = client.get_experiment_by_name("sweep-it")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = _runs(home)
+    fingerprint = json.loads((Path(study_run.study.dataset_path) / "dataset.json").read_text())["fingerprint"]
+    for r in runs:
+        role = r.data.tags["role"]
+        if role in ("trial", "final"):
+            names = {(i.dataset.name, i.dataset.digest) for i in r.inputs.dataset_inputs}
+            assert ("sim-tiny", fingerprint) in names, (r.info.run_name, names)
+            assert "system/cpu_utilization_percentage" in r.data.metrics, r.info.run_name
+            assert "system/system_memory_usage_megabytes" in r.data.metrics, r.info.run_name
+    trials = [r for r in runs if r.data.tags["role"] == "trial"]
+    pruned = [r for r in trials if r.data.tags.get("pruned") == "true"]
+    for r in trials:  # patience (30) never stops these 2-epoch runs: a short trial was pruned by ASHA
+        assert (r.data.metrics["epoch"] + 1 < 2) == (r in pruned), r.info.run_name
+    searches = [r for r in runs if r.data.tags["role"] == "search"]
+    assert sum(s.data.metrics["n_pruned"] for s in searches) == len(pruned)
+    parent = client.get_run(study_run.outcome.study_run_id)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.endswith(study_run.outcome.report.markdown) and "| nice | sim-clip (simulated vs none)" in note
+    assert [i.dataset.digest for i in parent.inputs.dataset_inputs] == [fingerprint]
+    log_file = home / "ray_results" / "sweep-it" / "study.log"
+    text = log_file.read_text()
+    assert "search nice__sim-clip__simulated" in text and "Trial" in text  # ours and Tune's
 
 
 def test_search_never_sees_test_metrics(study_run: Any, home: Path) -> None:
@@ -134,9 +173,9 @@ def test_search_never_sees_test_metrics(study_run: Any, home: Path) -> None:
 
 def test_report_artifacts_and_p_values_equal_scipy(study_run: Any, home: Path, tmp_path: Path) -> None:
     client = _client(home)
-    pid = study_run.outcome.parent_run_id
+    pid = study_run.outcome.study_run_id
     names = {Path(a.path).name for a in client.list_artifacts(pid, "report")}
-    assert names == {"table.md", "table.html", "figure.png", "runs.csv", "stats.json"}
+    assert names == {"table.md", "table.html", "figure.png", "runs.csv", "subjects.csv", "stats.json"}
     d = Path(client.download_artifacts(pid, "report", str(tmp_path)))
     rows = list(csv.DictReader(io.StringIO((d / "runs.csv").read_text())))
     assert len(rows) == 8
@@ -170,46 +209,47 @@ def test_report_artifacts_and_p_values_equal_scipy(study_run: Any, home: Path, t
 
 def test_resume_after_interruption_adds_no_duplicate_runs(study_run: Any, home: Path) -> None:
     from brainalign import tracking
-    from brainalign.sweep import load_study, run_study
-    from brainalign.sweep.finals import final_key
+    from brainalign.studies import load_study, run_study
+    from brainalign.studies.units import unit_key
 
     before = {r.info.run_id for r in _runs(home)}
     study = load_study(study_run.path)
-    state_path = home / "ray_results" / "sweep-it" / "sweep_state.json"
+    state_path = home / "ray_results" / "sweep-it" / "study_state.json"
     state = json.loads(state_path.read_text())
     arm = study.arms()[1]
+    study_run_id = state["study_run_id"]
     # an interruption after the arm's search had finished in Tune but before its "done" marker,
     # and in the middle of its finals: one final's record is lost, another final was cut short
     # (its process was killed: its run stays RUNNING, its record was never written)
     state["searches"][arm.name]["done"] = False
     state["report_logged"] = False
-    lost, killed = final_key(arm, "01", 0), final_key(arm, "02", 1)
+    lost, killed = unit_key(arm, "01", 0), unit_key(arm, "02", 1)
     killed_run, lost_run = state["finals"][killed]["run_id"], state["finals"][lost]["run_id"]
     del state["finals"][lost], state["finals"][killed]
     state_path.write_text(json.dumps(state))
     search_run = state["searches"][arm.name]["run_id"]
-    stale = tracking.start_run("sweep-it", run_name="killed attempt", parent_run_id=search_run,
-                               tags={"role": "final", "final_key": killed})
+    stale = tracking.start_run("sweep-it", run_name="killed attempt", parent_run_id=study_run_id,
+                               tags={"role": "final", "final_key": killed, "study": "sweep-it"})
     tracking.log_metrics(stale, {"train_loss": 1.0}, step=0)
-    # a finished final of the same key from an EARLIER sweep of this study (another search run):
-    # it must be neither adopted nor deleted
-    old_search = tracking.start_run("sweep-it", run_name="earlier sweep", tags={"role": "search"})
-    decoy = tracking.start_run("sweep-it", run_name="earlier final", parent_run_id=old_search,
+    # a finished final of the same key from an EARLIER execution of this study (another study
+    # run): it must be neither adopted nor deleted
+    old_study = tracking.start_run("sweep-it", run_name="earlier study", tags={"role": "report"})
+    decoy = tracking.start_run("sweep-it", run_name="earlier final", parent_run_id=old_study,
                                tags={"role": "final", "final_key": lost})
     tracking.log_metrics(decoy, {"test_top1": 0.99, "test_top5": 1.0}, step=0)
     tracking.end_run(decoy, "FINISHED")
-    tracking.end_run(old_search, "FINISHED")
+    tracking.end_run(old_study, "FINISHED")
 
-    outcome = run_study(study, verbose=0)
+    outcome = run_study(study, live=False)
 
-    after = {r.info.run_id: r for r in _runs(home) if r.info.run_id not in (decoy, old_search)}
+    after = {r.info.run_id: r for r in _runs(home) if r.info.run_id not in (decoy, old_study)}
     assert set(after) == before  # the stale attempt is deleted, nothing is re-run
     assert _client(home).get_run(decoy).info.lifecycle_stage == "active"
-    assert outcome.parent_run_id == study_run.outcome.parent_run_id
+    assert outcome.study_run_id == study_run.outcome.study_run_id
     new_state = json.loads(state_path.read_text())
     assert new_state["searches"][arm.name]["done"] and new_state["searches"][arm.name]["run_id"] == search_run
     assert new_state["finals"][killed]["run_id"] == killed_run
-    assert new_state["finals"][lost]["run_id"] == lost_run  # this sweep's run, not the earlier decoy
+    assert new_state["finals"][lost]["run_id"] == lost_run  # this execution's run, not the earlier decoy
     assert _client(home).get_run(stale).info.lifecycle_stage == "deleted"
     assert all(r.info.status == "FINISHED" for r in after.values())
     assert outcome.report.markdown == study_run.outcome.report.markdown
@@ -217,18 +257,18 @@ def test_resume_after_interruption_adds_no_duplicate_runs(study_run: Any, home: 
 
 def test_fresh_is_refused_for_an_edited_study(study_run: Any, home: Path) -> None:
     from brainalign import BrainalignError
-    from brainalign.sweep import load_study, run_study
+    from brainalign.studies import load_study, run_study
 
     edited = home / "edited.toml"
     edited.write_text(study_run.path.read_text().replace("final_seeds = 2", "final_seeds = 3"))
-    with pytest.raises(BrainalignError, match="was edited since its sweep started.*--fresh"):
-        run_study(load_study(edited), verbose=0)
+    with pytest.raises(BrainalignError, match="was edited since it started.*--fresh"):
+        run_study(load_study(edited), live=False)
 
 
 def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    """A real interruption: `brainalign sweep` (its own Ray) gets SIGINT once its first trial
+    """A real interruption: `brainalign study run` (its own Ray) gets SIGINT once its first trial
     has reported an epoch; the same command then resumes (Tuner.restore of an UNFINISHED
     experiment) and the MLflow tree holds exactly one finished run per trial and final."""
     import os
@@ -246,7 +286,7 @@ def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
     (home / "study.toml").write_text(study)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env |= {"BRAINALIGN_HOME": str(home), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    cmd = [str(Path(sys.executable).parent / "brainalign"), "sweep", "--study", str(home / "study.toml"), "--quiet"]
+    cmd = [str(Path(sys.executable).parent / "brainalign"), "study", "run", str(home / "study.toml"), "--quiet"]
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -254,7 +294,9 @@ def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
         reported = False
         while time.monotonic() < deadline and proc.poll() is None and not reported:
             time.sleep(2)
-            if (home / "mlruns" / "mlflow.db").exists():
+            # the state file is written after the driver created (and migrated) the MLflow DB: opening
+            # a client on a DB still being migrated races the driver (alembic "table already exists")
+            if (home / "ray_results" / "sweep-int" / "study_state.json").exists():
                 try:
                     trials = [r for r in _runs(home, "sweep-int") if r.data.tags.get("role") == "trial"]
                 except Exception:  # the experiment is not created yet

@@ -1,0 +1,451 @@
+"""Ray Tune + Optuna: the only module of brainalign that imports Tune or Optuna.
+
+Two kinds of Tune experiments run here, both with *function trainables that drive a Ray
+Train run* (the Train V2 pattern):
+
+* a **search** (:func:`run_search`): Optuna TPE (seeded) proposes configs from a search
+  space, ASHA stops weak trials on ``training_iteration`` (= epochs) and tags their MLflow
+  runs ``pruned`` as it does; every trial is a validation-only Train run whose every epoch
+  reports the selection metric;
+* the **tested runs** (:func:`run_units`): a grid over unit keys, each a Train run that is
+  tested; Tune gives them bounded concurrency and resume. It is the one function that
+  dispatches run units (a later version may pack several units into one Train worker group).
+
+Both live under ``<study folder>/<name>`` and are resumed with ``Tuner.restore``. Tune's own
+console output (status tables, warnings) goes to the study's log file, not the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from .. import tracking
+from .._checks import BrainalignError
+from .._ray import watch_resource_wait
+from ..config import TrainConfig
+from ._state import recorded_final
+from ._stats import gallery_values
+from .searchspace import ParamSpec
+from .spec import Resources
+from .units import RunUnit, SearchUnit
+
+__all__ = ["SearchOutcome", "TrialSummary", "UnitsOutcome", "max_concurrent_trials", "run_search", "run_units"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- resources
+def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) -> int:
+    """Trials that fit at once: ``(CPUs - 1) // cpus_per_trial``, and GPUs // workers with GPUs.
+
+    One whole CPU stays free because every Ray Data pipeline (the parquet listing task)
+    needs one; with fewer free CPUs a trial's data loading waits forever.
+
+    Parameters
+    ----------
+    resources : Resources
+        The study's per-run resources.
+    cluster : mapping
+        ``ray.cluster_resources()``.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Raises
+    ------
+    BrainalignError
+        The cluster cannot fit even one trial (the study would hang).
+    """
+    cpus = float(cluster.get("CPU", 0.0))
+    per_trial = resources.cpus_per_trial
+    if cpus - 1.0 < per_trial - 1e-9:
+        raise BrainalignError(
+            f"Ray has {cpus:g} CPUs; one trial needs {per_trial:g} (workers x cpus_per_worker + trial_cpus) "
+            "plus one free CPU for Ray Data. Lower [resources] or start Ray with more logical CPUs."
+        )
+    n = max(1, int(math.floor((cpus - 1.0 + 1e-9) / per_trial)))
+    if resources.use_gpu:
+        gpus = float(cluster.get("GPU", 0.0))
+        if gpus < resources.workers_per_trial:
+            raise BrainalignError(
+                f"[resources] use_gpu needs {resources.workers_per_trial} GPU(s) per trial; Ray has {gpus:g}."
+            )
+        n = min(n, int(gpus // resources.workers_per_trial))
+    return n
+
+
+# --------------------------------------------------------------------------- search space
+class DefineByRun:
+    """A search space as an Optuna define-by-run function (picklable; does no work).
+
+    Parameters
+    ----------
+    params : tuple of ParamSpec
+        The searched parameters; names stay dotted (Tune un-nests on ``/`` only).
+    """
+
+    def __init__(self, params: tuple[ParamSpec, ...]) -> None:
+        self.params = params
+
+    def __call__(self, trial: Any) -> None:
+        for p in self.params:
+            if p.kind == "choice":
+                trial.suggest_categorical(p.name, list(p.choices))
+            elif p.kind == "int":
+                step = int(p.step) if p.step else 1
+                trial.suggest_int(p.name, int(p.low), int(p.high), step=step, log=p.log)
+            else:
+                trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+
+
+class PruningASHA(ASHAScheduler):
+    """ASHA that marks the MLflow run of every trial it stops early: tag ``pruned=true`` (with
+    the epoch) and status FINISHED, at once (the trial's process is killed and cannot end it).
+
+    Parameters
+    ----------
+    experiment, search_run_id, uri : str
+        Where the trials' runs are (children of the search run, tagged ``tune_trial_id``).
+    **kwargs
+        :class:`ray.tune.schedulers.ASHAScheduler` arguments.
+    """
+
+    def __init__(self, *, experiment: str, search_run_id: str, uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._runs = (experiment, search_run_id, uri)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        action: str = super().on_trial_result(tune_controller, trial, result)
+        # a STOP at max_t (ASHA's top rung) ends a trial that trained its whole budget: not pruned
+        if action == TrialScheduler.STOP and result.get(self._time_attr, self._max_t) < self._max_t:
+            experiment, parent, uri = self._runs
+            try:
+                runs = tracking.find_runs(experiment, {"mlflow.parentRunId": parent,
+                                                       "tune_trial_id": str(trial.trial_id)}, uri)
+                if runs:
+                    tracking.set_tags(runs[-1].run_id, {"pruned": "true",
+                                                        "pruned_at_epoch": result.get("training_iteration")}, uri)
+                    tracking.end_run(runs[-1].run_id, "FINISHED", uri)
+            except Exception:  # bookkeeping must never stop the search; the engine reconciles later
+                log.warning("could not mark trial %s pruned", trial.trial_id, exc_info=True)
+        return action
+
+
+# --------------------------------------------------------------------------- trainables
+def _quiet_data() -> None:
+    """No Ray Data progress bars from trial processes (they flood the console when a remote
+    cluster forwards worker output to the driver)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _search_trial(params: dict[str, Any], unit: SearchUnit) -> None:
+    """Tune function trainable: one search trial = one validation-only Train run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train.runner import run_training
+
+    _quiet_data()
+    tid = ray.tune.get_context().get_trial_id()
+    cfg = TrainConfig.from_flat(unit.trial.to_flat() | dict(params) | {"run_name": f"{unit.key}-trial-{tid}"},
+                                strict_types=False)
+    spec = replace(unit.trial_spec, tags=dict(unit.trial_spec.tags) | {"tune_trial_id": tid},
+                   storage_name=f"{unit.trial_spec.storage_name}-{tid}")
+    run_training(cfg, spec, callbacks=[TuneReportCallback()])  # type: ignore[no-untyped-call]
+
+
+def _unit_trial(config: dict[str, Any], units: Mapping[str, RunUnit], state_path: str) -> None:
+    """Tune function trainable: one run unit = one Train run and its test evaluation."""
+    import ray.tune
+
+    from ..train.runner import run_training
+
+    _quiet_data()
+    key = config["unit"]
+    done = recorded_final(Path(state_path), key)
+    if done is not None:  # finished by an earlier attempt whose Tune state was not saved
+        ray.tune.report(done | {"unit": key})
+        return
+    unit = units[key]
+    tid = ray.tune.get_context().get_trial_id()
+    spec = replace(unit.spec, tags=dict(unit.spec.tags) | {"tune_trial_id": tid},
+                   storage_name=f"{unit.spec.storage_name}-{tid}")
+    res = run_training(unit.config, spec)
+    ray.tune.report({
+        "unit": key,
+        "run_id": res.run_id,
+        "test_top1": res.test["test_top1"],
+        "test_top5": res.test["test_top5"],
+        "test_n_way": res.test.get("test_n_way", float("nan")),
+        "val_top1_best": res.val.get("val_top1_best", float("nan")),
+        "best_epoch": res.best_epoch,
+    } | gallery_values(res.test))
+
+
+# --------------------------------------------------------------------------- running Tune
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Tune's console output (printed tables, Ray's loggers, warnings) into ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray_log = logging.getLogger("ray")
+    saved = ray_log.handlers[:]
+    with open(path, "a", buffering=1) as f:
+        handler = logging.StreamHandler(f)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_log.handlers = [handler]
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        finally:
+            ray_log.handlers = saved
+
+
+def _tuner_fit(tuner: Any, log_file: Path) -> tuple[Any, bool]:
+    """``Tuner.fit()`` (its output into ``log_file``) and whether it was interrupted.
+
+    Ctrl-C makes Tune stop gracefully: it saves its state, stops the trials (which may then
+    look finished) and returns normally. Tune's SIGINT handler puts the previous handler back
+    only when it fires, so an unchanged handler after ``fit`` means an interruption. The
+    previous handler is restored in any case: Tune leaves its own installed after a normal
+    run, where it would swallow a later Ctrl-C.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    watch = main and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        # Tune's output goes to the log file; a long wait for resources is logged to the console
+        with _output_to(log_file), watch_resource_wait("the Tune experiment"):
+            results = tuner.fit()
+    finally:
+        after = signal.getsignal(signal.SIGINT) if main else None
+        if main:
+            signal.signal(signal.SIGINT, before)
+    trials = results._experiment_analysis.trials  # trial statuses are not on the ResultGrid
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return results, bool(unfinished) or (watch and after is before)
+
+
+def _interrupted(what: str, path: Path) -> KeyboardInterrupt:
+    return KeyboardInterrupt(
+        f"{what} was interrupted; its state is saved in {path}: run the same command again to resume."
+    )
+
+
+@dataclass
+class TrialSummary:
+    """One search trial as Tune saw it."""
+
+    trial_id: str
+    config: dict[str, Any]
+    value: float
+    epochs: int
+    error: str = ""
+
+
+@dataclass
+class SearchOutcome:
+    """What a search found."""
+
+    best_config: dict[str, Any]
+    best_value: float
+    best_trial_id: str
+    trials: list[TrialSummary] = field(default_factory=list)
+
+    @property
+    def n_errored(self) -> int:
+        return sum(bool(t.error) for t in self.trials)
+
+
+def select_best(trials: list[TrialSummary], metric: str, mode: str, name: str = "") -> TrialSummary:
+    """The best trial by ``metric``/``mode`` among those that finished without error.
+
+    An errored trial (e.g. one that diverged: ``NonFiniteError``) never wins, whatever it
+    reported before it failed, and neither does a non-finite value.
+
+    Raises
+    ------
+    BrainalignError
+        No trial finished with a finite value (the message lists the trials' errors).
+    """
+    scored = [t for t in trials if not t.error and math.isfinite(t.value)]
+    if not scored:
+        errors = "; ".join(t.error.splitlines()[0] for t in trials if t.error)[:2000]
+        raise BrainalignError(
+            f"search {name}: no trial finished with a finite {metric} ({len(trials)} trial(s), "
+            f"{sum(bool(t.error) for t in trials)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
+            "narrow the search space's lr range if trials diverged) and re-run with --fresh."
+        )
+    return max(scored, key=lambda t: t.value) if mode == "max" else min(scored, key=lambda t: t.value)
+
+
+def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_concurrent: int,
+               log_file: Path) -> SearchOutcome:
+    """Run (or resume) one Optuna + ASHA search of Train runs; select on validation only.
+
+    Parameters
+    ----------
+    unit : SearchUnit
+        The search; ``unit.trial_spec.parent_run_id`` is the search's MLflow run.
+    folder : Path
+        The study's folder; the Tune experiment lives in ``folder / unit.key``.
+    resources : Resources
+        Per-trial resources.
+    max_concurrent : int
+        Tune's ``max_concurrent_trials``.
+    log_file : Path
+        Where Tune's console output goes.
+
+    Returns
+    -------
+    SearchOutcome
+
+    Raises
+    ------
+    KeyboardInterrupt
+        The search was interrupted (Ctrl-C); re-running resumes it.
+    RuntimeError
+        No trial produced the metric.
+    """
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = unit.space
+    path = folder / unit.key
+    trainable = tune.with_resources(tune.with_parameters(_search_trial, unit=unit), {"cpu": resources.trial_cpus})
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming search %s from %s", unit.key, path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study INFO lines on the console
+        searcher = OptunaSearch(space=DefineByRun(space.params), metric=space.metric, mode=space.mode, seed=unit.seed)
+        # stop_last_trials=False: a trial that reaches max_t ends on its own (its Train run
+        # finishes, ends its MLflow run and frees its placement group) instead of being killed
+        scheduler = PruningASHA(
+            experiment=unit.trial.experiment, search_run_id=unit.trial_spec.parent_run_id,
+            uri=unit.trial_spec.locations.tracking_uri, time_attr="training_iteration", max_t=unit.max_epochs,
+            grace_period=unit.grace_period, reduction_factor=unit.reduction_factor, stop_last_trials=False,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=space.metric,  # here as well as on the searcher: get_best_result needs it
+                mode=space.mode,
+                num_samples=unit.trials,
+                max_concurrent_trials=max_concurrent,
+                search_alg=searcher,
+                scheduler=scheduler,
+            ),
+            run_config=tune.RunConfig(name=unit.key, storage_path=str(folder), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results, interrupted = _tuner_fit(tuner, log_file)
+    if interrupted or len(results) < unit.trials:
+        raise _interrupted(f"search {unit.key}", path)
+    summaries: list[TrialSummary] = []
+    for r in results:
+        metrics = dict(r.metrics or {})
+        values = []
+        if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe:
+            values = [float(v) for v in r.metrics_dataframe[space.metric].dropna()]
+        best = (max(values) if space.mode == "max" else min(values)) if values else float("nan")
+        summaries.append(TrialSummary(
+            trial_id=str(metrics.get("trial_id", Path(r.path).name)),
+            config={k: v for k, v in dict(r.config or {}).items()},
+            value=best,
+            epochs=int(metrics.get("training_iteration", 0)),
+            error=str(r.error or "")[:500],
+        ))
+    best_t = select_best(summaries, space.metric, space.mode, unit.key)
+    return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
+                         best_trial_id=best_t.trial_id, trials=summaries)
+
+
+@dataclass
+class UnitsOutcome:
+    """What a dispatch of run units produced: ``key -> metrics`` of every finished unit."""
+
+    results: dict[str, dict[str, Any]]
+    failed: dict[str, str]
+    interrupted: bool
+
+
+def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: Path, resources: Resources,
+              max_concurrent: int, log_file: Path) -> UnitsOutcome:
+    """Run (or resume) run units as a Tune grid over their keys, ``max_concurrent`` at a time.
+
+    Parameters
+    ----------
+    units : sequence of RunUnit
+        Every unit of the study (units the state file records report without training).
+    name : str
+        Tune experiment name (``folder / name``).
+    folder : Path
+        The study's folder.
+    state_path : Path
+        The study's state file.
+    resources : Resources
+        Per-unit resources.
+    max_concurrent : int
+        Units at once.
+    log_file : Path
+        Where Tune's console output goes.
+
+    Returns
+    -------
+    UnitsOutcome
+        Finished units (``run_id``, ``test_top1``, ``test_top5`` ...), failed ones with their
+        error, and whether Tune was interrupted. Errored units are restarted from scratch
+        when the experiment is resumed.
+    """
+    from ray import tune
+
+    path = folder / name
+    by_key = {u.key: u for u in units}
+    trainable = tune.with_resources(tune.with_parameters(_unit_trial, units=by_key, state_path=str(state_path)),
+                                    {"cpu": resources.trial_cpus})
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming %s from %s", name, path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"unit": tune.grid_search(sorted(by_key))},
+            # tested runs always run to the end (no scheduler stops them), so a finished run's
+            # process can take the next one: it has torch, Ray Train and MLflow imported already
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results, interrupted = _tuner_fit(tuner, log_file)
+    done: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for r in results:
+        key = str((r.config or {}).get("unit", ""))
+        metrics = dict(r.metrics or {})
+        if r.error is not None:
+            text = str(r.error)
+            failed[key] = text.splitlines()[0] if text else type(r.error).__name__
+        elif "run_id" in metrics:
+            done[key] = {k: metrics[k] for k in ("run_id", "test_top1", "test_top5", "test_n_way",
+                                                  "val_top1_best", "best_epoch") if k in metrics}
+            done[key] |= gallery_values(metrics)
+    return UnitsOutcome(results=done, failed=failed, interrupted=interrupted)
