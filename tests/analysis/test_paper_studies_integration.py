@@ -39,9 +39,17 @@ def smoke_study(name: str, home: Path) -> Path:
     for key, value in subs.items():
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
         assert n == 1, key
+    # smoke data hold ~120 training rows: batches of 16 (the file's and its search space's
+    # batch sizes would be refused before compute as larger than the training set)
+    text, n = re.subn(r"^batch_size = .*$", "batch_size = 16", text, count=1, flags=re.M)
+    assert n == 1, "batch_size"
     enc = re.search(r'^encoders = \["(\w+)"\]', text, flags=re.M)
     assert enc, "the study names one encoder"
-    space = REPO / "searchspaces" / f"{enc.group(1)}.toml"
+    space_text = (REPO / "searchspaces" / f"{enc.group(1)}.toml").read_text()
+    space_text, n = re.subn(r"^batch_size = .*$", "batch_size = { choice = [16] }", space_text, count=1, flags=re.M)
+    assert n == 1, "search-space batch_size"
+    space = home / f"{enc.group(1)}-smoke.toml"
+    space.write_text(space_text)
     text = text.replace(enc.group(0), f'encoders = [{{ name = "{enc.group(1)}", searchspace = "{space}" }}]')
     out = home / name
     out.write_text(text)

@@ -355,6 +355,8 @@ class _Execution:
         in the state file); their files go to the study run and show in the report."""
         st, state = self.study, self.state
         todo = [a for a, on in (("explain", st.explain), ("grids", st.grids > 0)) if on and a not in state.analyses]
+        if todo:
+            claim_dir(_report_folder(st), "report")  # the analyses write into its explain/ and grids/
         for what in todo:
             t0 = time.perf_counter()
             if what == "explain":
