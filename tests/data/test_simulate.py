@@ -312,6 +312,22 @@ def test_meg_and_fmri_presets_have_the_real_designs() -> None:
     assert PRESETS["meg-mini"].ch_names == meg.ch_names and PRESETS["fmri-mini"].n_test_concepts == 1000
 
 
+def test_sampling_rules_are_per_modality() -> None:
+    """Issue 11's time-series rules (n_times >= 8, sfreq > 0, the window holds the peaks) apply to
+    EEG and MEG; an fMRI epoch has no time axis: n_times == 1 and sfreq 0 are its rule (issue 16)."""
+    for name in ("fmri", "fmri-mini"):
+        p = make_params(name)
+        assert (p.n_times, p.sfreq) == (1, 0.0)
+    assert make_params("fmri-mini", {"n_voxels": 300}).n_chans == 300
+    with pytest.raises(BrainalignError, match="n_times == 1"):
+        make_params("fmri-mini", {"n_times": 8})
+    for name in ("mini", "meg-mini"):
+        with pytest.raises(BrainalignError, match=r"n_times 1 is too short.*Only modality = 'fmri'"):
+            make_params(name, {"n_times": 1})
+        with pytest.raises(BrainalignError, match="sfreq"):
+            make_params(name, {"sfreq": 0.0})
+
+
 def test_eeg_manifests_do_not_change() -> None:
     # fields added for MEG/fMRI stay out of an EEG dataset's source, so re-simulating a dataset
     # written before they existed is still a no-op
