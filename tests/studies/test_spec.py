@@ -327,3 +327,13 @@ def test_analyses_and_gallery_keys(tmp_path: Path) -> None:
     mlp = STUDY.replace('name = "nice", searchspace = "space.toml"', 'name = "mlp", searchspace = "space.toml"')
     mlp_space = SPACE.replace('encoder = "nice"', 'encoder = "mlp"')
     assert load_study(_write(tmp_path, mlp + '"arch.width" = 64\n', mlp_space)).config["arch.width"] == 64
+
+
+def test_size_candidates_of_a_study_with_encoder_arch_keys() -> None:
+    """The pre-compute size checks read a study's fixed keys without checking its arch.* keys
+    against the default encoder (jobs/fmri_study.toml sets the MLP's arch.width)."""
+    from brainalign.studies.data import _candidates
+
+    s = load_study(REPO / "jobs" / "fmri_study.toml")
+    assert s.config["arch.width"] == 512
+    assert _candidates(s, {}, "batch_size") == [128] and _candidates(s, {}, "data.normalize") == ["none"]

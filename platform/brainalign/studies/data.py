@@ -133,6 +133,9 @@ def _candidates(study: Study, spaces: Mapping[str, SearchSpace], key: str) -> li
     from ..config import TrainConfig
 
     fixed = dict(study.config) | dict(study.overrides) | {"epochs": study.max_epochs}
+    # arch.* options belong to the study's encoders (checked per encoder elsewhere), not to the
+    # default one a bare TrainConfig would check them against
+    fixed = {k: v for k, v in fixed.items() if not k.startswith("arch.")}
     values = [TrainConfig.from_flat(fixed, strict_types=False).to_flat()[key]]
     for space in spaces.values():
         values += [c for p in space.params if p.name == key for c in p.candidates()]
