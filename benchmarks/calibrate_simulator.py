@@ -17,6 +17,11 @@ Usage::
 
     python benchmarks/calibrate_simulator.py --subjects 01 02 --seeds 0 1 --null
     python benchmarks/calibrate_simulator.py --override noise_pink=4.0 --override n_subjects=2
+    # THINGS-MEG-like: NICE with the paper's MEG recipe
+    python benchmarks/calibrate_simulator.py --preset meg-mini --lr 5e-5 --batch 256 --temperature 0.1
+    # NSD-like: the residual MLP on single trials, no per-series normalization (one value per voxel)
+    python benchmarks/calibrate_simulator.py --preset fmri-mini --encoder mlp --arch width=512 \
+        --train-trials single --normalize none --lr 1e-4 --temperature 0.07
 
 Datasets are simulated into ``--workdir`` (default ``$TMPDIR/brainalign-calib``) and reused.
 """
@@ -47,10 +52,10 @@ def normalize_reps(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
 
 
-def averaged(ds, subject: str, split: str) -> tuple[list[str], np.ndarray]:
+def averaged(ds, subject: str, split: str, normalize: bool = True) -> tuple[list[str], np.ndarray]:
     """(image_ids, epochs averaged over repetitions) in first-appearance order."""
     ids, _, x = ds.load_epochs(subject, split)
-    x = normalize_reps(x)
+    x = normalize_reps(x) if normalize else x
     order = list(dict.fromkeys(ids))
     index = {k: i for i, k in enumerate(order)}
     inv = np.array([index[i] for i in ids])
@@ -72,15 +77,22 @@ def train_and_test(
     wd: float = 0.1,
     batch: int = 128,
     temperature: float = 0.04,
+    encoder: str = "nice",
+    arch: dict | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Train NICE on (x_tr, y_tr) with a 90/10 split, select by val loss, return test top-k."""
+    """Train ``encoder`` on (x_tr, y_tr) with a 90/10 split (of ``groups``, the image of each
+    row, when rows are single trials), select by val loss, return test top-k."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
-    perm = gen.permutation(len(x_tr))
-    n_val = len(x_tr) // 10
-    val, tr = perm[:n_val], perm[n_val:]
+    groups = np.arange(len(x_tr)) if groups is None else groups
+    uniq = np.unique(groups)
+    val_groups = uniq[gen.permutation(len(uniq))[: len(uniq) // 10]]
+    is_val = np.isin(groups, val_groups)
+    val, tr = np.flatnonzero(is_val), np.flatnonzero(~is_val)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    model = create_encoder("nice", n_chans=x_tr.shape[1], n_times=x_tr.shape[2], embed_dim=y_tr.shape[1])
+    model = create_encoder(encoder, n_chans=x_tr.shape[1], n_times=x_tr.shape[2], embed_dim=y_tr.shape[1],
+                           **(arch or {}))
     loss_fn = SymmetricInfoNCE(temperature)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     best, best_state, best_epoch = float("inf"), None, -1
@@ -89,7 +101,7 @@ def train_and_test(
         order = tr[gen.permutation(len(tr))]
         for s in range(0, len(order) - batch + 1, batch):
             b = torch.from_numpy(order[s : s + batch])
-            loss = loss_fn(model(xt[b]), yt[b])
+            loss = loss_fn(model(xt[b]), yt[b], torch.from_numpy(groups[order[s : s + batch]]))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -128,7 +140,15 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], help="param=JSON value, e.g. noise_pink=4.0")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "brainalign-calib")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--encoder", default="nice")
+    ap.add_argument("--arch", action="append", default=[], help="encoder option=JSON value, e.g. width=512")
+    ap.add_argument("--train-trials", choices=("average", "single"), default="average")
+    ap.add_argument("--normalize", choices=("center_l2", "none"), default="center_l2")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.04)
     args = ap.parse_args()
+    arch = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.arch)}
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
@@ -158,15 +178,24 @@ def main() -> None:
         ds = open_dataset(root)
         tables = ds.tables()
         for sid in args.subjects:
-            ids_tr, x_tr = averaged(ds, sid, "train")
-            ids_te, x_te = averaged(ds, sid, "test")
+            norm = args.normalize != "none"
+            if args.train_trials == "single":
+                ids_tr, _, x_tr = ds.load_epochs(sid, "train")
+                x_tr = normalize_reps(x_tr) if norm else x_tr
+            else:
+                ids_tr, x_tr = averaged(ds, sid, "train", norm)
+            first = {k: i for i, k in reversed(list(enumerate(ids_tr)))}
+            groups = np.array([first[k] for k in ids_tr])
+            ids_te, x_te = averaged(ds, sid, "test", norm)
             for backbone in args.backbones:
                 for alignment in ("simulated", "none"):
                     tbl = read_embedding_table(tables[f"{backbone}:{alignment}"])
                     y_tr, y_te = tbl.lookup(ids_tr), tbl.lookup(ids_te)
                     for seed in args.seeds:
                         t0 = time.perf_counter()
-                        r = train_and_test(x_tr, y_tr, x_te, y_te, seed=seed, epochs=args.epochs)
+                        r = train_and_test(x_tr, y_tr, x_te, y_te, seed=seed, epochs=args.epochs, lr=args.lr,
+                                           batch=args.batch, temperature=args.temperature,
+                                           encoder=args.encoder, arch=arch, groups=groups)
                         row = dict(
                             mode="null" if null else "normal",
                             subject=sid,

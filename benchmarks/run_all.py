@@ -47,6 +47,7 @@ BENCHES: dict[str, str | None] = {
     "memory": "bench_memory.py",
     "embed": "bench_embed.py",
     "run_overhead": "bench_run_overhead.py",
+    "explain": "bench_explain.py",
     "gpu": None,
 }
 TITLES = {
@@ -57,6 +58,7 @@ TITLES = {
     "memory": "5. Memory: Train worker peak RSS, 1 vs 4 subjects",
     "embed": "7. Image embedding: Ray Data pipeline vs sequential loop (issue 4)",
     "run_overhead": "8. Run overhead: a mini final through the platform vs the same loop in-process",
+    "explain": "9. Gradient analysis: `brainalign explain` on a finished mini final (issue 16)",
     "gpu": "6. GPU",
 }
 WHAT = {
@@ -112,6 +114,14 @@ WHAT = {
         "loop functions, batch order, early stopping and test retrieval in one process (before and after). "
         "The test metrics must be equal on all sides. Raw: the start-up breakdown of a lone run. The "
         "closing note gives `make sweep` before/after."
+    ),
+    "explain": (
+        "Wall seconds of `explain_run` on a finished final of the mini study's recipe (NICE x sim-clip:simulated, "
+        "12 epochs, trained through `run_training`): download of its resolved config and checkpoint, model rebuild, "
+        "reload of the subject's 200 test trials, Grad-CAM on NICE's projection layer, integrated gradients "
+        "(32 steps), the temporal/spectral/spatial views and six artifacts logged to the run; against reloading the "
+        "same run and evaluating its test set the same way (interleaved rounds). The goal is absolute (under a "
+        "minute on 2 CPU cores); `stages_s` in the raw figures splits one explain call."
     ),
     "gpu": "Skipped: no GPU is lent to this task; the CPU figures above are the only ones measured.",
 }

@@ -88,3 +88,17 @@ def test_config_hash_changes_with_content() -> None:
 def test_train_mini_job_config_is_valid() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "train_mini.toml")
     assert cfg.encoder == "nice" and cfg.data.image_table.endswith(":simulated")
+
+
+def test_test_gallery_section() -> None:
+    assert TrainConfig().test.galleries == ("test",)
+    cfg = TrainConfig.from_flat({"test.gallery": "test+train"})
+    assert cfg.test.galleries == ("test", "test+train") and cfg.to_flat()["test.gallery"] == ("test+train",)
+    assert TrainConfig.from_flat({"test.gallery": ["test+train", "test"]}).test.galleries == ("test", "test+train")
+    assert TrainConfig.from_flat(cfg.to_flat()) == cfg
+    with pytest.raises(BrainalignError, match="Did you mean 'test\\+train'"):
+        TrainConfig.from_flat({"test.gallery": "train"})
+    with pytest.raises(BrainalignError, match="lists a gallery twice"):
+        TrainConfig.from_flat({"test.gallery": "test,test"})
+    with pytest.raises(BrainalignError, match="Did you mean 'test.gallery'"):
+        TrainConfig.from_flat({"test.galery": "test"})

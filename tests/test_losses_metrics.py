@@ -166,6 +166,28 @@ def test_a_nan_gallery_row_never_beats_a_finite_target() -> None:
     assert (ranks[keep] <= clean[keep]).all()  # NaN rows are never counted above a target
 
 
+def test_chunked_topk_lists_in_rank_order_with_true_scores() -> None:
+    """retrieval_topk over chunks of 7 equals one full sort where the target is demoted below
+    its ties (the order retrieval_ranks counts), and reports the target's true similarity."""
+    from brainalign.metrics import retrieval_topk, similarity
+
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(40, 6, generator=gen)
+    g[33] = g[5]  # an exact duplicate of target 5 in another chunk
+    t = torch.tensor([5, 12, 0, 39])
+    q = g[t] + 0.2 * torch.randn(len(t), 6, generator=gen)
+    idx, sc = retrieval_topk(q, g, t, k=5, chunk=7)
+    full = similarity(q, g)
+    ranks = retrieval_ranks(q, g, t)
+    for i, target in enumerate(t.tolist()):
+        order = sorted(range(40), key=lambda j: (-full[i, j].item(), j == target))
+        assert idx[i].tolist() == order[:5], i
+        assert torch.allclose(sc[i], full[i, idx[i]])
+        if ranks[i] <= 5 and target != 5:  # without exact twins: the target sits at its rank
+            assert idx[i].tolist().index(target) + 1 == ranks[i]
+    assert idx[0].tolist().index(33) < idx[0].tolist().index(5)  # its twin ties and comes first
+
+
 def test_gallery_loss_is_the_full_batch_loss_in_chunks() -> None:
     """Chunked over rows, the loss equals forward() on all rows at once (duplicates masked)."""
     g = torch.Generator().manual_seed(0)

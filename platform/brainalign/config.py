@@ -21,7 +21,7 @@ from typing import Any
 from ._checks import BrainalignError, check_name, check_option, check_range, check_type
 from .paths import resolve
 
-__all__ = ["DataConfig", "TrainConfig", "load_config", "parse_overrides"]
+__all__ = ["DataConfig", "EvaluationConfig", "TrainConfig", "load_config", "parse_overrides"]
 
 TRIAL_MODES = ("average", "single")
 NORMALIZATIONS = ("none", "center_l2", "alignvis")
@@ -29,6 +29,8 @@ SELECT_METRICS = ("val_loss", "val_top1")
 VAL_SPLITS = ("image", "concept")
 #: Cap of a learned logit scale ``1/T`` (CLIP's 100): a learned temperature stays >= 0.01.
 MAX_LOGIT_SCALE = 100.0
+#: Image sets a test query can be ranked among (``test.gallery``).
+GALLERIES = ("test", "test+train")
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,43 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """How a finished run is tested (keys ``test.*``).
+
+    ``gallery`` names the image sets each test query is ranked among. ``"test"`` (the N test
+    images: the N-way retrieval of the paper's tables) is always evaluated and gives
+    ``test_top1`` / ``test_top5``. ``"test+train"`` ranks each query among the test images and
+    every training image of the catalog (the paper's App. F: 16,740-way for Things-EEG2) and is
+    logged as ``test_top1_<N>way`` / ``test_top5_<N>way``. A string is one gallery; a list or a
+    comma-separated string several.
+    """
+
+    gallery: tuple[str, ...] = ("test",)
+
+    def __post_init__(self) -> None:
+        if not self.gallery:
+            raise BrainalignError(f"test.gallery must name at least one of {list(GALLERIES)}.")
+        for g in self.gallery:
+            check_option("test.gallery", g, GALLERIES)
+        if len(set(self.gallery)) != len(self.gallery):
+            raise BrainalignError(f"test.gallery lists a gallery twice: {list(self.gallery)}.")
+
+    @property
+    def galleries(self) -> tuple[str, ...]:
+        """The galleries to evaluate: ``"test"`` first (always), then the others as given."""
+        return ("test", *(g for g in self.gallery if g != "test"))
+
+
+#: Config sections: dotted-key prefix -> dataclass (``data.path``, ``test.gallery``).
+_SECTIONS: dict[str, type] = {"data": DataConfig, "test": EvaluationConfig}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs. Defaults follow AlignVis's NICE recipe."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    test: EvaluationConfig = field(default_factory=EvaluationConfig)
     encoder: str = "nice"
     arch: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 50
@@ -169,8 +204,8 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, DataConfig):
-                out |= {f"data.{k}": x for k, x in asdict(v).items()}
+            if f.name in _SECTIONS:
+                out |= {f"{f.name}.{k}": x for k, x in asdict(v).items()}
             elif f.name == "arch":
                 out |= {f"arch.{k}": x for k, x in v.items()}
             else:
@@ -181,7 +216,7 @@ class TrainConfig:
     def from_flat(cls, flat: Mapping[str, Any], *, strict_types: bool = True) -> TrainConfig:
         """Build from dotted keys (missing keys take defaults). Values are type-checked."""
         base = _defaults_flat()
-        data_kw: dict[str, Any] = {}
+        section_kw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
         top_kw: dict[str, Any] = {}
         arch: dict[str, Any] = {}
         for key, value in flat.items():
@@ -190,11 +225,13 @@ class TrainConfig:
                 continue
             check_option("config key", key, list(base))
             value = _coerce(key, value, _FIELD_TYPES[key], strict=strict_types)
-            if key.startswith("data."):
-                data_kw[key[5:]] = value
+            section, _, sub = key.partition(".")
+            if sub and section in _SECTIONS:
+                section_kw[section][sub] = value
             else:
                 top_kw[key] = value
-        return cls(data=DataConfig(**data_kw), arch=arch, **top_kw)
+        sections = {name: cls_(**section_kw[name]) for name, cls_ in _SECTIONS.items()}
+        return cls(arch=arch, **sections, **top_kw)
 
     def with_overrides(self, flat: Mapping[str, Any]) -> TrainConfig:
         """A new config with dotted-key overrides applied on top of this one."""
@@ -229,9 +266,9 @@ def _field_types() -> dict[str, Any]:
     out: dict[str, Any] = {}
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name == "data":
-            for k, t in typing.get_type_hints(DataConfig).items():
-                out[f"data.{k}"] = t
+        if f.name in _SECTIONS:
+            for k, t in typing.get_type_hints(_SECTIONS[f.name]).items():
+                out[f"{f.name}.{k}"] = t
         elif f.name != "arch":
             out[f.name] = hints[f.name]
     return out

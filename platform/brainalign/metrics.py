@@ -23,7 +23,7 @@ import torch
 from ._checks import BrainalignError
 from .losses import center_normalize
 
-__all__ = ["retrieval_ranks", "topk_accuracy", "similarity"]
+__all__ = ["retrieval_ranks", "retrieval_topk", "topk_accuracy", "similarity"]
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +413,62 @@ def _normalized_rows(c: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``center_normalize(c[col])``, normalizing each distinct row once."""
     uc, inv = torch.unique(col, return_inverse=True)
     return center_normalize(c[uc])[inv]
+
+
+def retrieval_topk(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    k: int = 5,
+    chunk: int = 16384,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best gallery items of each query and their cosine similarities.
+
+    Parameters
+    ----------
+    queries : torch.Tensor
+        ``(Q, D)`` brain embeddings.
+    gallery : torch.Tensor
+        ``(G, D)`` image embeddings (any device; scored in chunks of ``chunk`` rows).
+    targets : torch.Tensor, optional
+        ``(Q,)`` gallery row of each query's own image. Its score is lowered to the next float
+        below, so the list is in the order :func:`retrieval_ranks` counts: the target after
+        every item tying with it.
+    k : int
+        List length (at most ``G``).
+    chunk : int
+        Gallery rows scored per matmul: no ``(Q, G)`` matrix exists whole.
+
+    Non-finite scores (NaN/Inf embeddings) count as ``-inf``: such items list last, as
+    :func:`retrieval_ranks` never counts them above a target. The ranks themselves come from
+    :func:`retrieval_ranks` (exact); this function only lists the best items.
+
+    Returns
+    -------
+    indices, scores : torch.Tensor
+        ``(Q, k)`` gallery rows (best first) and their cosine similarities after mean-centring
+        (the target's true score, not the lowered one).
+    """
+    k = min(k, gallery.shape[0])
+    q = center_normalize(queries.float())
+    best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+    for start in range(0, gallery.shape[0], chunk):
+        s = q @ center_normalize(gallery[start : start + chunk].float()).T
+        s.masked_fill_(~torch.isfinite(s), float("-inf"))  # a NaN row never lists first (as retrieval_ranks)
+        if targets is not None:
+            inside = ((targets >= start) & (targets < start + s.shape[1])).nonzero().squeeze(1)
+            cols = targets[inside] - start
+            own = s[inside, cols]
+            s[inside, cols] = torch.nextafter(own, torch.full_like(own, float("-inf")))
+        idx = torch.arange(start, start + s.shape[1], device=q.device).expand(q.shape[0], -1)
+        cand_s, pick = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
+        best_i = torch.cat([best_i, idx], 1).gather(1, pick)
+        best_s = cand_s
+    if targets is not None:  # report the target's true similarity
+        hit = best_i == targets.view(-1, 1)
+        best_s = torch.where(hit, torch.nextafter(best_s, torch.full_like(best_s, float("inf"))), best_s)
+    return best_i, best_s
 
 
 def topk_accuracy(

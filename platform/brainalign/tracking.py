@@ -44,6 +44,7 @@ __all__ = [
     "children",
     "code_version",
     "delete_run",
+    "download_artifacts",
     "download_json",
     "end_run",
     "end_running",
@@ -51,6 +52,7 @@ __all__ = [
     "ensure_experiment",
     "find_runs",
     "get_run",
+    "list_artifacts",
     "log_artifact",
     "log_dataset",
     "log_dict",
@@ -430,14 +432,29 @@ def _record(r: Any) -> RunRecord:
         run_id=str(r.info.run_id), name=str(r.info.run_name or ""), experiment_id=str(r.info.experiment_id),
         status=str(r.info.status), start_time=int(r.info.start_time or 0),
         end_time=int(r.info.end_time) if r.info.end_time else None,
-        tags=dict(r.data.tags), params=dict(r.data.params), metrics=dict(r.data.metrics),
+        tags=dict(r.data.tags), params=dict(r.data.params), metrics={k: float(v) for k, v in r.data.metrics.items()},
         deleted=r.info.lifecycle_stage == "deleted",
     )
 
 
 def get_run(run_id: str, uri: str | None = None) -> RunRecord:
-    """One run by id (raises if there is none)."""
-    return _record(_client(uri).get_run(run_id))
+    """One run by id.
+
+    Raises
+    ------
+    BrainalignError
+        No such run in the tracking store (the message names the store).
+    """
+    from ._checks import BrainalignError
+
+    try:
+        return _record(_client(uri).get_run(run_id))
+    except Exception as e:
+        if type(e).__name__ == "MlflowException":
+            raise BrainalignError(
+                f"MLflow run {run_id!r} is not in the tracking store {uri or tracking_uri()} ({e})."
+            ) from None
+        raise
 
 
 def _search(client: Any, experiment_ids: Sequence[str], flt: str) -> list[RunRecord]:
@@ -536,3 +553,35 @@ def reconcile_runs(runs: Sequence[RunRecord], keep: str | None, uri: str | None 
             set_tags(kept, finish_tags, uri)
         _client(uri).set_terminated(kept, status="FINISHED")
     return kept
+
+
+def list_artifacts(run_id: str, path: str | None = None, uri: str | None = None) -> list[str]:
+    """Artifact paths directly under ``path`` of a run (folders included)."""
+    return [str(a.path) for a in _client(uri).list_artifacts(run_id, path)]
+
+
+def download_artifacts(run_id: str, path: str, dst: Path, uri: str | None = None) -> Path:
+    """Copy the artifact file or folder ``path`` of a run into ``dst``; returns its local path.
+
+    Raises
+    ------
+    BrainalignError
+        The run has no artifact ``path`` (the message lists what it has there).
+    """
+    from ._checks import BrainalignError
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+    except Exception as e:
+        if type(e).__name__ not in ("MlflowException", "OSError", "FileNotFoundError"):
+            raise
+        parent = str(Path(path).parent) if Path(path).parent != Path(".") else None
+        try:
+            have = list_artifacts(run_id, parent, uri)
+        except Exception:
+            have = []
+        raise BrainalignError(
+            f"MLflow run {run_id} has no artifact {path!r} (it has {have or 'nothing'} there): was it "
+            "trained with checkpoints saved and tested (a final run, or brainalign train)?"
+        ) from None

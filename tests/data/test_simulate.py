@@ -20,12 +20,16 @@ from brainalign.data.simulate import (
     PRESETS,
     SIMULATOR,
     THINGS_EEG2_63,
+    THINGS_MEG_271,
     SimulatorParams,
     build_world,
     channel_layout,
+    ctf_layout,
     make_params,
     read_latents,
     simulate_dataset,
+    things_meg_channels,
+    voxel_sheet,
     world_from_dataset,
 )
 
@@ -46,7 +50,7 @@ def _r2(y: np.ndarray, x: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- presets and params
 def test_presets_have_the_documented_sizes() -> None:
-    assert set(PRESETS) == {"tiny", "mini", "full"}
+    assert set(PRESETS) == {"tiny", "mini", "full", "meg", "meg-mini", "fmri", "fmri-mini"}
     full, mini = PRESETS["full"], PRESETS["mini"]
     assert (full.n_subjects, full.n_train_images_total, full.n_train_reps) == (10, 16540, 4)
     assert (full.n_test_concepts, full.n_test_reps, full.ch_names, full.n_times, full.sfreq) == (
@@ -284,3 +288,111 @@ def test_full_geometry_on_a_few_images(tmp_path: Path) -> None:
     ids, reps, x = ds.load_epochs("01", "train")
     assert x.shape == (3 * 10 * 4, 63, 250) and reps.max() == 3
     assert ds.meta.source["preset"] == "full" and ds.meta.source["params"]["n_train_concepts"] == 3
+
+
+# --------------------------------------------------------------------------- MEG and fMRI
+def test_meg_and_fmri_presets_have_the_real_designs() -> None:
+    meg, fmri = PRESETS["meg"], PRESETS["fmri"]
+    # THINGS-MEG: 4 participants, 271 CTF sensors at 200 Hz over 0..1 s, 1,654 training concepts
+    # x 12 images shown once, 200 test images x 12 repetitions
+    assert (meg.modality, meg.n_subjects, meg.n_chans, meg.sfreq, meg.tmin, meg.n_times) == (
+        "meg", 4, 271, 200.0, 0.0, 201)
+    assert (meg.n_train_concepts, meg.n_train_images, meg.n_train_reps) == (1654, 12, 1)
+    assert (meg.n_test_concepts, meg.n_test_reps) == (200, 12)
+    assert meg.ch_names == tuple(THINGS_MEG_271) == things_meg_channels()
+    # NSD: one value per voxel of an nsdgeneral-sized ROI, 9,000 x 3 training trials, 1000-way test
+    assert (fmri.modality, fmri.n_chans, fmri.n_times, fmri.ch_names) == ("fmri", 15724, 1, ())
+    assert (fmri.n_train_images_total, fmri.n_train_reps, fmri.n_test_concepts, fmri.n_test_reps) == (
+        9000, 3, 1000, 3)
+    assert fmri.channel_names[:2] == ("v00000", "v00001")
+    for mini, full in (("meg-mini", meg), ("fmri-mini", fmri)):
+        p = PRESETS[mini]
+        assert (p.modality, p.n_subjects, p.n_train_images, p.n_train_reps, p.n_test_reps) == (
+            full.modality, full.n_subjects, full.n_train_images, full.n_train_reps, full.n_test_reps)
+    assert PRESETS["meg-mini"].ch_names == meg.ch_names and PRESETS["fmri-mini"].n_test_concepts == 1000
+
+
+def test_sampling_rules_are_per_modality() -> None:
+    """Issue 11's time-series rules (n_times >= 8, sfreq > 0, the window holds the peaks) apply to
+    EEG and MEG; an fMRI epoch has no time axis: n_times == 1 and sfreq 0 are its rule (issue 16)."""
+    for name in ("fmri", "fmri-mini"):
+        p = make_params(name)
+        assert (p.n_times, p.sfreq) == (1, 0.0)
+    assert make_params("fmri-mini", {"n_voxels": 300}).n_chans == 300
+    with pytest.raises(BrainalignError, match="n_times == 1"):
+        make_params("fmri-mini", {"n_times": 8})
+    for name in ("mini", "meg-mini"):
+        with pytest.raises(BrainalignError, match=r"n_times 1 is too short.*Only modality = 'fmri'"):
+            make_params(name, {"n_times": 1})
+        with pytest.raises(BrainalignError, match="sfreq"):
+            make_params(name, {"sfreq": 0.0})
+
+
+def test_eeg_manifests_do_not_change() -> None:
+    # fields added for MEG/fMRI stay out of an EEG dataset's source, so re-simulating a dataset
+    # written before they existed is still a no-op
+    for name in ("tiny", "mini", "full"):
+        assert not {"modality", "n_voxels"} & set(PRESETS[name].to_json())
+    assert PRESETS["meg"].to_json()["modality"] == "meg" and PRESETS["fmri"].to_json()["n_voxels"] == 15724
+
+
+def test_ctf_layout_is_the_meg_helmet() -> None:
+    pos = dict(zip(THINGS_MEG_271, ctf_layout(THINGS_MEG_271), strict=True))
+    assert pos["MZO03"][1] == pytest.approx(-1.0, abs=0.05)  # the most posterior sensor
+    assert pos["MZO01"][1] < pos["MZP01"][1] < pos["MZC01"][1] < pos["MZF02"][1]
+    assert pos["MLO11"][0] < 0 < pos["MRO11"][0] and pos["MLT11"][0] < pos["MLC11"][0]
+    np.testing.assert_allclose(ctf_layout(["MLO11-4408"]), ctf_layout(["MLO11"]))  # .fif names
+    with pytest.raises(BrainalignError, match="not a sensor of MNE's CTF-275"):
+        make_params("meg-mini", {"ch_names": ["MLO11", "Oz"]})
+    with pytest.raises(BrainalignError, match="n_voxels >= 1"):
+        make_params("fmri-mini", {"n_voxels": 0})
+    with pytest.raises(BrainalignError, match="n_voxels is for modality 'fmri'"):
+        make_params("mini", {"n_voxels": 10})
+
+
+def test_voxel_sheet_covers_the_posterior_cortex() -> None:
+    v = voxel_sheet(3000)
+    assert v.shape == (3000, 2) and len(np.unique(v, axis=0)) == 3000
+    assert (np.hypot(v[:, 0], v[:, 1]) <= 1).all() and v[:, 1].max() <= 0.1 and v[:, 1].min() < -0.95
+    np.testing.assert_array_equal(voxel_sheet(500), v[:500])  # the anatomy does not move with n
+
+
+_SMALL = dict(n_subjects=1, n_train_concepts=6, n_test_concepts=5)
+
+
+@pytest.mark.parametrize("preset", ["meg-mini", "fmri-mini"])
+def test_meg_and_fmri_datasets_are_valid(tmp_path: Path, preset: str) -> None:
+    from brainalign.data.validate import validate_dataset
+
+    overrides = _SMALL | ({"n_voxels": 300} if preset == "fmri-mini" else {})
+    root = simulate_dataset(tmp_path / preset, preset, seed=0, overrides=overrides, progress=False)
+    assert validate_dataset(root) == []
+    ds = open_dataset(root)
+    p = make_params(preset, overrides)
+    assert (ds.meta.modality, ds.meta.name, ds.meta.n_chans, ds.meta.n_times) == (
+        p.modality, {"meg": "things-meg-sim", "fmri": "nsd-sim"}[p.modality], p.n_chans, p.n_times)
+    ids, reps, x = ds.load_epochs("01", "train")
+    assert x.shape == (len(ids), p.n_chans, p.n_times) and np.isfinite(x).all()
+    assert len(ids) == p.n_train_images_total * p.n_train_reps
+    world = world_from_dataset(root)
+    # the files are the ground truth plus noise, and averaging the repetitions brings them closer
+    test_ids, _, xt = ds.load_epochs("01", "test")
+    ev = world.evoked(0, world.rows("test"))
+    avg = xt.reshape(p.n_test_concepts, p.n_test_reps, p.n_chans, p.n_times).mean(1)
+    assert np.mean((avg - ev) ** 2) < np.mean((xt[:: p.n_test_reps] - ev) ** 2)
+    null = simulate_dataset(tmp_path / f"{preset}-null", preset, seed=0, null=True, overrides=overrides,
+                            progress=False)
+    assert open_dataset(null).meta.source["null"] is True and validate_dataset(null) == []
+
+
+def test_fmri_early_voxels_carry_the_perceptual_latent() -> None:
+    # ground truth of the voxel model: posterior voxels (the early sources' blobs) respond to the
+    # perceptual features, anterior ones (the late sources') to the semantic latent
+    p = make_params("fmri-mini", {"n_subjects": 1, "n_train_concepts": 400, "n_voxels": 600})
+    world = build_world(p, seed=0)
+    rows = world.rows("train")
+    ev = world.evoked(0, rows)[..., 0]  # (n, voxels)
+    y = voxel_sheet(p.n_voxels)[:, 1]
+    post, ant = ev[:, y < -0.75], ev[:, y > -0.35]
+    assert _r2(post, world.perceptual[rows]) > _r2(ant, world.perceptual[rows]) + 0.1
+    assert _r2(ant, world.semantic[rows]) > _r2(post, world.semantic[rows]) + 0.1

@@ -21,6 +21,8 @@ def test_encoders_command_lists_the_registry(capsys: pytest.CaptureFixture[str])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
+    # MNE's logger (braindecode's deprecation notes) may print to stdout too: start at the header
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("name")) :]
     assert lines[0].split()[:3] == ["name", "modalities", "subject-aware"]
     assert "params@63x250 D=768" in lines[0]
     rows = {line.split()[0]: line for line in lines[1:] if line and line[0].isalpha()}

@@ -158,3 +158,39 @@ def test_combine_reports_is_weighted_stouffer_of_one_sided_mid_p() -> None:
         title="x", protocol="p", subjects=["01", "02"], expected=16)
     with pytest.raises(BrainalignError, match="not independent"):
         combine_reports({"a": two_encoders, "b": reports["eeg"]})
+
+
+def test_large_gallery_metrics_are_compared_with_their_chance(tmp_path: Path) -> None:
+    """A study with ``test.gallery = "test+train"``: both n-ways are compared, each with its own
+    chance, in the table, the figure, runs.csv and the study-run metrics (issue 16)."""
+    from scipy import stats
+
+    rows = [FinalRow(r.encoder, r.backbone, r.alignment, r.arm, r.subject, r.seed, r.run_id, r.test_top1,
+                     r.test_top5, r.test_n_way,
+                     extra={"test_top1_200way": r.test_top1, "test_top5_200way": r.test_top5,  # the test gallery
+                            "test_top1_16740way": r.test_top1 / 4, "test_top5_16740way": r.test_top5 / 3})
+            for r in _rows()]
+    rep = write_report(_report(rows), tmp_path / "r")
+    by = {s.metric: s for s in rep.stats}
+    assert list(by) == ["test_top1", "test_top5", "test_top1_16740way", "test_top5_16740way"]
+    big = by["test_top1_16740way"]
+    assert big.chance == pytest.approx(1 / 16740) and by["test_top5_16740way"].chance == pytest.approx(5 / 16740)
+    subj = sorted({r.subject for r in rows})
+    a = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "aligned" and r.subject == s]) for s in subj]
+    b = [np.mean([r.extra["test_top1_16740way"] for r in rows if r.arm == "base" and r.subject == s]) for s in subj]
+    assert big.comparison.t_test.p == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    md = rep.markdown
+    assert "| top-1 (16740-way) |" in md and "| top-1 |" in md and "200-way" not in md  # both n-ways, once each
+    assert "| 0.006 |" in md  # chance of 1 in 16,740, in %
+    assert read_runs_csv(rep.files["runs.csv"].read_text()) == rows
+    assert "nice.sim-clip.test_top1_16740way.aligned_mean" in rep.metrics()
+
+
+def test_rows_from_runs_carry_the_gallery_metrics() -> None:
+    tags = {"role": "final", "brain_encoder": "nice", "backbone": "sim-clip", "alignment": "simulated",
+            "arm": "aligned", "subject": "01", "seed": "0", "final_key": "k"}
+    rec = RunRecord(run_id="r1", name="n", experiment_id="1", status="FINISHED", start_time=1, end_time=2, tags=tags,
+                    params={}, metrics={"test_top1": 0.2, "test_top5": 0.5, "test_n_way": 200.0,
+                                        "test_top1_16740way": 0.01, "test_top1_sub-01": 0.2})
+    (row,) = rows_from_runs([rec])
+    assert row.extra == {"test_top1_16740way": 0.01} and row.value("test_top1_16740way") == 0.01

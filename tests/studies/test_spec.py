@@ -306,3 +306,34 @@ def test_kind_registry_refuses_duplicates_and_common_keys() -> None:
         register_kind(sweep)
     with pytest.raises(ValueError, match="redefines common"):
         register_kind(StudyKind("x-unit-test", ("subjects",), sweep.parse, sweep.plan))
+
+
+def test_analyses_and_gallery_keys(tmp_path: Path) -> None:
+    """``[study] explain`` / ``grids`` (issue 16) parse, are checked, and do not change the
+    fingerprint (turning them on for a finished study adds the analyses, retrains nothing);
+    ``[config.test] gallery`` is a study config key; [config] arch keys are the study encoder's."""
+    base = load_study(_write(tmp_path))
+    assert (base.explain, base.grids) == (False, 0)
+    on = load_study(_write(tmp_path, STUDY.replace("final_seeds = 2", "final_seeds = 2\nexplain = true\ngrids = 3")))
+    assert (on.explain, on.grids) == (True, 3) and on.fingerprint() == base.fingerprint()
+    with pytest.raises(BrainalignError, match="explain"):
+        load_study(_write(tmp_path, STUDY.replace("final_seeds = 2", "final_seeds = 2\nexplain = 1")))
+    with pytest.raises(BrainalignError, match="grids"):
+        load_study(_write(tmp_path, STUDY.replace("final_seeds = 2", "final_seeds = 2\ngrids = -1")))
+    big = load_study(_write(tmp_path, STUDY + '[config.test]\ngallery = ["test", "test+train"]\n'))
+    assert big.config["test.gallery"] == ["test", "test+train"] and big.fingerprint() != base.fingerprint()
+    with pytest.raises(BrainalignError, match="test.gallery"):
+        load_study(_write(tmp_path, STUDY + '[config.test]\ngallery = "train"\n'))
+    mlp = STUDY.replace('name = "nice", searchspace = "space.toml"', 'name = "mlp", searchspace = "space.toml"')
+    mlp_space = SPACE.replace('encoder = "nice"', 'encoder = "mlp"')
+    assert load_study(_write(tmp_path, mlp + '"arch.width" = 64\n', mlp_space)).config["arch.width"] == 64
+
+
+def test_size_candidates_of_a_study_with_encoder_arch_keys() -> None:
+    """The pre-compute size checks read a study's fixed keys without checking its arch.* keys
+    against the default encoder (jobs/fmri_study.toml sets the MLP's arch.width)."""
+    from brainalign.studies.data import _candidates
+
+    s = load_study(REPO / "jobs" / "fmri_study.toml")
+    assert s.config["arch.width"] == 512
+    assert _candidates(s, {}, "batch_size") == [128] and _candidates(s, {}, "data.normalize") == ["none"]

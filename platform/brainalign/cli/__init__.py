@@ -26,6 +26,8 @@ _COMMANDS = (
     "brainalign.cli.embed",
     "brainalign.cli.study",
     "brainalign.cli.sweep",
+    "brainalign.cli.grids",
+    "brainalign.cli.explain",
 )
 
 

@@ -12,8 +12,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("data", help="create, ingest and validate datasets in the brainalign contract")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
-    s = dsub.add_parser("simulate", help="write the simulated Things-EEG2 dataset (known ground truth)")
-    s.add_argument("--preset", default="mini", help="tiny | mini | full (default: mini)")
+    s = dsub.add_parser("simulate", help="write a simulated Things-EEG2 / THINGS-MEG / NSD dataset (known ground truth)")
+    s.add_argument("--preset", default="mini",
+                   help="tiny | mini | full | meg | meg-mini | fmri | fmri-mini (default: mini; docs/simulator.md)")
     s.add_argument("--out", required=True, type=Path, help="dataset root to write")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--null", action="store_true", help="aligned and base tables identical in distribution")

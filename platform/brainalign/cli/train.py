@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,5 +35,10 @@ def _train(args: argparse.Namespace) -> int:
         n = int(res.test.get("test_n_way", 0))
         lines.append(f"test top-1 ({n}-way): {res.test['test_top1']:.3f}   (chance {1 / max(n, 1):.4f})")
         lines.append(f"test top-5 ({n}-way): {res.test['test_top5']:.3f}   (chance {min(5, n) / max(n, 1):.4f})")
+        for key, v in sorted(res.test.items()):  # large galleries (test.gallery = "test+train")
+            m = re.fullmatch(r"test_top([15])_(\d+)way", key)
+            if m and int(m.group(2)) != n:
+                k, g = int(m.group(1)), int(m.group(2))
+                lines.append(f"test top-{k} ({g}-way): {v:.3f}   (chance {k / g:.5f})")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

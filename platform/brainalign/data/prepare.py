@@ -52,6 +52,25 @@ PREPARE_VERSION = 1
 MIN_VAL_IMAGES = 5
 
 
+def check_normalization(mode: str, n_times: int) -> None:
+    """Refuse a per-series normalization of one-sample epochs (fMRI: voxels x 1).
+
+    Centring a series of one sample leaves zeros: every epoch would become 0 and a model
+    would train on nothing. fMRI data take ``data.normalize = "none"``.
+
+    Raises
+    ------
+    BrainalignError
+        ``mode`` is not ``"none"`` and ``n_times == 1``.
+    """
+    if mode != "none" and n_times == 1:
+        raise BrainalignError(
+            f"data.normalize = {mode!r} centres each channel over time, but these epochs have one "
+            "sample per channel (fMRI: voxels x 1): every value would become 0. Set "
+            'data.normalize = "none" for fMRI.'
+        )
+
+
 def normalize_epochs(x: np.ndarray, mode: str) -> np.ndarray:
     """Per-repetition, per-channel normalization over time, applied before averaging.
 
@@ -64,6 +83,7 @@ def normalize_epochs(x: np.ndarray, mode: str) -> np.ndarray:
     """
     if mode == "none":
         return x
+    check_normalization(mode, x.shape[-1])
     centred = x - x.mean(axis=-1, keepdims=True)
     scale = np.linalg.norm(centred if mode == "center_l2" else x, axis=-1, keepdims=True)
     return centred / (scale + 1e-8)

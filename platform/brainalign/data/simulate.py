@@ -1,4 +1,4 @@
-"""A simulated Things-EEG2 with known ground truth, written in the data contract.
+"""A simulated Things-EEG2 (and THINGS-MEG, NSD) with known ground truth, in the data contract.
 
 Every image has interpretable *perceptual* factors (hue, saturation, brightness, shape,
 orientation, size, spatial frequency) and a *semantic* latent (its concept's vector plus a
@@ -11,6 +11,11 @@ weights. Each trial adds spatially correlated 1/f noise, white sensor noise and 
 rhythm. Simulated image encoders (``sim-clip``, ``sim-dino``) mix perceptual, semantic and
 nuisance information through random nonlinear maps; the *aligned* version weights the
 perceptual part more, which is the paper's hypothesis about human-aligned encoders.
+
+The same ground truth drives three modalities (``SimulatorParams.modality``): ``eeg`` (10-10
+electrodes), ``meg`` (CTF-275 axial gradiometers on MNE's bundled layout, THINGS-MEG-like) and
+``fmri`` (one value per voxel of a 2-D visual-cortex sheet, NSD-like: each source's blob of
+voxels responds with its drive, no time axis).
 
 Every equation and parameter is documented in ``docs/simulator.md``. The entry point is
 :func:`simulate_dataset`; :func:`build_world` gives the ground truth (latents, noiseless
@@ -31,6 +36,7 @@ by image (catalog order) then repetition ``0 .. R-1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -51,20 +57,28 @@ from .contract import MANIFEST, DatasetMeta, DatasetWriter
 
 __all__ = [
     "DATASET_NAME",
+    "DATASET_NAMES",
     "GIFFORD_17",
+    "MODALITIES",
     "LATENT_COLUMNS",
     "PRESETS",
     "SHAPES",
     "SIMULATOR",
     "THINGS_EEG2_63",
+    "THINGS_MEG_271",
     "SimWorld",
     "SimulatorParams",
     "build_world",
     "channel_layout",
+    "ctf_layout",
+    "dataset_name",
     "make_params",
     "perceptual_features",
     "read_latents",
+    "sensor_layout",
     "simulate_dataset",
+    "things_meg_channels",
+    "voxel_sheet",
     "world_from_dataset",
 ]
 
@@ -73,8 +87,11 @@ log = logging.getLogger(__name__)
 #: Simulator id and version, stored in ``meta.source["simulator"]``. Bump the version when
 #: the generated numbers change for the same parameters and seed.
 SIMULATOR = "brainalign.sim/1"
-#: ``DatasetMeta.name`` (the ``dataset=`` partition value) of every simulated dataset.
+#: ``DatasetMeta.name`` (the ``dataset=`` partition value) of a simulated EEG dataset.
 DATASET_NAME = "things-eeg2-sim"
+#: Simulated modalities and the dataset name each is written under.
+MODALITIES = ("eeg", "meg", "fmri")
+DATASET_NAMES = {"eeg": DATASET_NAME, "meg": "things-meg-sim", "fmri": "nsd-sim"}
 #: Shape classes, index = the ``shape`` latent.
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent")
 #: Columns of ``<root>/simulator/latents.parquet``.
@@ -115,6 +132,28 @@ THINGS_EEG2_63 = (
     "Fp1 Fp2 AF7 AF3 AFz AF4 AF8 F7 F5 F3 F1 F2 F4 F6 F8 FT9 FT7 FC5 FC3 FC1 FCz FC2 FC4 FC6 FT8 FT10 "
     "T7 C5 C3 C1 Cz C2 C4 C6 T8 TP9 TP7 CP5 CP3 CP1 CPz CP2 CP4 CP6 TP8 TP10 P7 P5 P3 P1 Pz P2 P4 P6 P8 "
     "PO7 PO3 POz PO4 PO8 O1 Oz O2"
+).split()
+
+#: THINGS-MEG's 271 CTF sensors as the simulator names them (:func:`things_meg_channels`: MNE's
+#: CTF-275 layout minus its four most anterior sensors), without the system's ``-NNNN`` suffix.
+THINGS_MEG_271 = (
+    "MLC11 MLC12 MLC13 MLC14 MLC15 MLC16 MLC17 MLC21 MLC22 MLC23 MLC24 MLC25 MLC31 MLC32 MLC41 MLC42 "
+    "MLC51 MLC52 MLC53 MLC54 MLC55 MLC61 MLC62 MLC63 MLF12 MLF13 MLF14 MLF21 MLF22 MLF23 MLF24 MLF25 "
+    "MLF31 MLF32 MLF33 MLF34 MLF35 MLF41 MLF42 MLF43 MLF44 MLF45 MLF46 MLF51 MLF52 MLF53 MLF54 MLF55 "
+    "MLF56 MLF61 MLF62 MLF63 MLF64 MLF65 MLF66 MLF67 MLO11 MLO12 MLO13 MLO14 MLO21 MLO22 MLO23 MLO24 "
+    "MLO31 MLO32 MLO33 MLO34 MLO41 MLO42 MLO43 MLO44 MLO51 MLO52 MLO53 MLP11 MLP12 MLP21 MLP22 MLP23 "
+    "MLP31 MLP32 MLP33 MLP34 MLP35 MLP41 MLP42 MLP43 MLP44 MLP45 MLP51 MLP52 MLP53 MLP54 MLP55 MLP56 "
+    "MLP57 MLT11 MLT12 MLT13 MLT14 MLT15 MLT16 MLT21 MLT22 MLT23 MLT24 MLT25 MLT26 MLT27 MLT31 MLT32 "
+    "MLT33 MLT34 MLT35 MLT36 MLT37 MLT41 MLT42 MLT43 MLT44 MLT45 MLT46 MLT47 MLT51 MLT52 MLT53 MLT54 "
+    "MLT55 MLT56 MLT57 MRC11 MRC12 MRC13 MRC14 MRC15 MRC16 MRC17 MRC21 MRC22 MRC23 MRC24 MRC25 MRC31 "
+    "MRC32 MRC41 MRC42 MRC51 MRC52 MRC53 MRC54 MRC55 MRC61 MRC62 MRC63 MRF13 MRF14 MRF21 MRF22 MRF23 "
+    "MRF24 MRF25 MRF31 MRF32 MRF33 MRF34 MRF35 MRF41 MRF42 MRF43 MRF44 MRF45 MRF46 MRF51 MRF52 MRF53 "
+    "MRF54 MRF55 MRF56 MRF61 MRF62 MRF63 MRF64 MRF65 MRF66 MRF67 MRO11 MRO12 MRO13 MRO14 MRO21 MRO22 "
+    "MRO23 MRO24 MRO31 MRO32 MRO33 MRO34 MRO41 MRO42 MRO43 MRO44 MRO51 MRO52 MRO53 MRP11 MRP12 MRP21 "
+    "MRP22 MRP23 MRP31 MRP32 MRP33 MRP34 MRP35 MRP41 MRP42 MRP43 MRP44 MRP45 MRP51 MRP52 MRP53 MRP54 "
+    "MRP55 MRP56 MRP57 MRT11 MRT12 MRT13 MRT14 MRT15 MRT16 MRT21 MRT22 MRT23 MRT24 MRT25 MRT26 MRT27 "
+    "MRT31 MRT32 MRT33 MRT34 MRT35 MRT36 MRT37 MRT41 MRT42 MRT43 MRT44 MRT45 MRT46 MRT47 MRT51 MRT52 "
+    "MRT53 MRT54 MRT55 MRT56 MRT57 MZC01 MZC02 MZC03 MZC04 MZF02 MZF03 MZO01 MZO02 MZO03 MZP01 "
 ).split()
 
 # Independent random streams: SeedSequence(seed, spawn_key=(stream, ...)).
@@ -186,6 +225,104 @@ def channel_layout(ch_names: Sequence[str]) -> np.ndarray:
     return out
 
 
+#: MNE's bundled CTF-275 layout (``mne/channels/data/layouts/CTF-275.lay``): the sensor
+#: array of THINGS-MEG's CTF system. Read with ``mne.channels.read_layout``; nothing is downloaded.
+CTF_LAYOUT = "CTF-275"
+_CTF_RE = re.compile(r"^(M[LRZ][CFOPT]\d\d)(-\d+)?$")
+#: THINGS-MEG's released epochs hold 271 of the system's 275 sensors. Which four were left out
+#: is not known offline, so the simulator leaves out the four most anterior sensors (far from
+#: every simulated source): a stand-in with the right count and the real geometry.
+_N_THINGS_MEG = 271
+
+
+@functools.lru_cache(maxsize=1)
+def _ctf_positions() -> dict[str, tuple[float, float]]:
+    """CTF-275 sensor name (no ``-NNNN`` suffix) -> 2-D position in the simulator's head frame."""
+    import mne
+
+    lay = mne.channels.read_layout(CTF_LAYOUT)
+    centres = lay.pos[:, :2] + lay.pos[:, 2:4] / 2
+    names = [n.split("-")[0] for n in lay.names]
+    mid_c = [i for i, n in enumerate(names) if n.startswith("MZC")]
+    mid = [i for i, n in enumerate(names) if n.startswith("MZ")]
+    # Head frame of channel_layout(): x right, y to the nose, the midline-central sensors at
+    # the origin and the most posterior sensor at y = -1 (where Oz sits in the EEG layout).
+    origin = np.array([centres[mid, 0].mean(), centres[mid_c, 1].mean()])
+    scale = origin[1] - centres[:, 1].min()
+    pos = (centres - origin) / scale
+    return {n: (float(x), float(y)) for n, (x, y) in zip(names, pos, strict=True)}
+
+
+def things_meg_channels() -> tuple[str, ...]:
+    """271 CTF sensor names (``MLC11`` ...; MNE's CTF-275 layout order minus its four most
+    anterior sensors): the channel set of the simulated THINGS-MEG."""
+    pos = _ctf_positions()
+    drop = set(sorted(pos, key=lambda n: -pos[n][1])[: len(pos) - _N_THINGS_MEG])
+    return tuple(n for n in pos if n not in drop)
+
+
+def ctf_layout(ch_names: Sequence[str]) -> np.ndarray:
+    """2-D positions of CTF MEG sensors, ``(n_chans, 2)``, in the frame of :func:`channel_layout`.
+
+    Names are CTF sensor names with or without the system suffix (``MLC11`` or ``MLC11-4408``,
+    as in THINGS-MEG's ``.fif`` files); positions come from MNE's bundled CTF-275 layout, moved
+    so that the midline-central sensors sit at the origin and scaled so that the most posterior
+    sensor lies at ``y = -1``.
+
+    Raises
+    ------
+    BrainalignError
+        A name that is not a sensor of the CTF-275 layout.
+    """
+    pos = _ctf_positions()
+    out = np.zeros((len(ch_names), 2))
+    for i, name in enumerate(ch_names):
+        m = _CTF_RE.match(str(name).upper())
+        if m is None or m.group(1) not in pos:
+            raise BrainalignError(
+                f"Channel name {name!r} is not a sensor of MNE's {CTF_LAYOUT} layout (e.g. 'MLO11', "
+                "'MZO01', optionally with a '-NNNN' suffix)."
+            )
+        out[i] = pos[m.group(1)]
+    return out
+
+
+def voxel_sheet(n_voxels: int) -> np.ndarray:
+    """Positions of ``n_voxels`` voxels on a flattened visual cortex, ``(n_voxels, 2)``.
+
+    The sheet is the posterior part of the head frame of :func:`channel_layout` (``y <= 0.1``
+    inside the unit circle), where the simulator's occipital (early), occipito-temporal (mid)
+    and parietal (late) sources sit, like NSD's ``nsdgeneral`` ROI covers early visual,
+    ventral and parietal cortex. Voxels fill it evenly along a 2-D low-discrepancy (R2)
+    sequence; the positions depend on ``n_voxels`` only (the anatomy does not depend on the seed).
+    """
+    check_type("n_voxels", n_voxels, int)
+    check_range("n_voxels", n_voxels, low=1)
+    # R2 sequence (Roberts 2018): golden-ratio generalisation in 2-D, no clumps at any n
+    g = 1.32471795724474602596
+    a = np.array([1 / g, 1 / g**2])
+    out = np.empty((0, 2))
+    k = 0
+    while len(out) < n_voxels:
+        m = 2 * (n_voxels - len(out)) + 64
+        u = (0.5 + np.outer(np.arange(k, k + m), a)) % 1.0
+        k += m
+        pts = np.stack([2 * u[:, 0] - 1, -1 + 1.1 * u[:, 1]], 1)
+        pts = pts[(pts**2).sum(1) <= 1.0]
+        out = np.concatenate([out, pts])
+    return np.asarray(out[:n_voxels])
+
+
+def sensor_layout(ch_names: Sequence[str]) -> np.ndarray:
+    """Positions of EEG electrodes (10-10 names) or CTF MEG sensors, ``(n_chans, 2)``.
+
+    Dispatches on the names: all CTF names -> :func:`ctf_layout`, else :func:`channel_layout`.
+    """
+    if ch_names and all(_CTF_RE.match(str(n).upper()) for n in ch_names):
+        return ctf_layout(ch_names)
+    return channel_layout(ch_names)
+
+
 # --------------------------------------------------------------------------- parameters
 @dataclass(frozen=True)
 class SimulatorParams:
@@ -202,9 +339,11 @@ class SimulatorParams:
     n_test_concepts, n_test_reps : int
         Test concepts (one image each, disjoint from the training concepts) and repetitions.
     ch_names : tuple of str
-        10-10 channel names; their 2-D layout comes from :func:`channel_layout`.
+        EEG: 10-10 channel names (layout :func:`channel_layout`); MEG: CTF sensor names (layout
+        :func:`ctf_layout`); fMRI: empty (voxels are named ``v00000``... from ``n_voxels``).
     sfreq, tmin, n_times : float, float, int
         Sampling rate (Hz), time of the first sample after image onset (s), samples per epoch.
+        fMRI: ``n_times == 1`` (one value per voxel) and ``sfreq`` is 0 (not a time series).
     d_semantic : int
         Dimension of the semantic latent.
     n_categories : int
@@ -272,6 +411,13 @@ class SimulatorParams:
         Hidden width of the random nonlinear maps.
     encoder_nonlinear_share : float
         Share of each map's variance from its nonlinear (tanh) branch.
+    modality : {"eeg", "meg", "fmri"}
+        What the sensors are. ``eeg``/``meg`` responses are time courses on a sensor layout;
+        ``fmri`` responses are one value per voxel: each source's blob of voxels responds with
+        its drive (the BOLD response integrates the source's time course), and the noise is
+        spatially correlated plus white per voxel (no 1/f time course, no alpha rhythm).
+    n_voxels : int
+        fMRI only: number of voxels on :func:`voxel_sheet` (0 for EEG/MEG).
     """
 
     n_subjects: int = 4
@@ -332,13 +478,18 @@ class SimulatorParams:
     d_nuisance: int = 32
     encoder_hidden: int = 256
     encoder_nonlinear_share: float = 0.3
+    # added after brainalign.sim/1's first release: written to JSON only when not default,
+    # so datasets simulated before they existed keep their manifests (see to_json)
+    modality: str = "eeg"
+    n_voxels: int = 0
 
     def __post_init__(self) -> None:
+        check_option("modality", self.modality, MODALITIES)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name.startswith(("n_", "d_")) or f.name == "encoder_hidden":
                 check_type(f.name, v, int)
-                low = 0 if f.name in ("n_early", "n_mid", "n_late") else 1
+                low = 0 if f.name in ("n_early", "n_mid", "n_late", "n_voxels") else 1
                 check_range(f.name, v, low=low)
             elif isinstance(v, float | int) and not isinstance(v, bool):
                 check_type(f.name, v, (int, float))
@@ -346,8 +497,18 @@ class SimulatorParams:
                     raise BrainalignError(f"{f.name} must be finite, got {v!r}.")
                 if f.name not in ("tmin",):
                     check_range(f.name, v, low=0.0)
-        check_range("sfreq", self.sfreq, low=0.0, low_inclusive=False)
-        self._check_sampling()
+        if self.modality == "fmri":
+            if self.n_voxels < 1 or self.ch_names or self.n_times != 1:
+                raise BrainalignError(
+                    "an fMRI simulation has n_voxels >= 1 voxels (named v00000 ...), no ch_names and "
+                    f"n_times == 1; got n_voxels={self.n_voxels}, {len(self.ch_names)} ch_names, "
+                    f"n_times={self.n_times}."
+                )
+        else:
+            if self.n_voxels:
+                raise BrainalignError(f"n_voxels is for modality 'fmri'; {self.modality} has ch_names.")
+            check_range("sfreq", self.sfreq, low=0.0, low_inclusive=False)
+            self._check_sampling()  # time series only: an fMRI epoch has no time axis to sample
         for name in (
             "category_share",
             "shape_coherence",
@@ -363,7 +524,10 @@ class SimulatorParams:
             raise BrainalignError(
                 f"latency_late must be (low, high) with 0 <= low <= high, got {self.latency_late}."
             )
-        channel_layout(self.ch_names)  # raises on names it cannot place
+        if self.modality == "eeg":
+            channel_layout(self.ch_names)  # raises on names it cannot place
+        elif self.modality == "meg":
+            ctf_layout(self.ch_names)
         if len(set(self.ch_names)) != len(self.ch_names):
             raise BrainalignError(f"ch_names has duplicates: {self.ch_names}.")
         n = len(self.encoder_names)
@@ -398,8 +562,8 @@ class SimulatorParams:
             )
         if self.n_times < 8:
             raise BrainalignError(
-                f"n_times {self.n_times} is too short: an epoch needs at least 8 samples (the default is "
-                f"{100}: 1 s at 100 Hz)."
+                f"n_times {self.n_times} is too short: an EEG/MEG epoch needs at least 8 samples (the default "
+                f"is {100}: 1 s at 100 Hz). Only modality = 'fmri' has one value per channel (n_times = 1)."
             )
         latest = max([self.latency_early if self.n_early else 0.0, self.latency_mid if self.n_mid else 0.0,
                       self.latency_late[1] if self.n_late else 0.0])
@@ -426,14 +590,47 @@ class SimulatorParams:
         """Number of brain sources."""
         return self.n_early + self.n_mid + self.n_late
 
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Names of the epoch tensor's rows: ``ch_names``, or ``v00000``... for fMRI voxels."""
+        if self.modality == "fmri":
+            return tuple(f"v{i:05d}" for i in range(self.n_voxels))
+        return self.ch_names
+
+    @property
+    def n_chans(self) -> int:
+        """Channels (EEG/MEG sensors or fMRI voxels)."""
+        return self.n_voxels if self.modality == "fmri" else len(self.ch_names)
+
+    def positions(self) -> np.ndarray:
+        """2-D positions of the channels (sensors or voxels) in the head frame, ``(n_chans, 2)``."""
+        if self.modality == "fmri":
+            return voxel_sheet(self.n_voxels)
+        if self.modality == "meg":
+            return ctf_layout(self.ch_names)
+        return channel_layout(self.ch_names)
+
     def to_json(self) -> dict[str, Any]:
-        """JSON-native dict (tuples become lists), as stored in ``meta.source["params"]``."""
-        return dict(_jsonable(dataclasses.asdict(self)))
+        """JSON-native dict (tuples become lists), as stored in ``meta.source["params"]``.
+
+        Fields added after the simulator's first release (``modality``, ``n_voxels``) are left
+        out at their defaults, so an EEG dataset's manifest is the same as before they existed
+        and re-simulating it stays a no-op.
+        """
+        d = dataclasses.asdict(self)
+        for name, default in _LATE_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return dict(_jsonable(d))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SimulatorParams:
         """Inverse of :meth:`to_json`; unknown keys raise with the closest known key."""
         return _apply(cls(), d)
+
+
+#: Fields added after the first release and their defaults (omitted from to_json() at these).
+_LATE_FIELDS: dict[str, Any] = {"modality": "eeg", "n_voxels": 0}
 
 
 def _jsonable(x: Any) -> Any:
@@ -466,6 +663,10 @@ def _apply(params: SimulatorParams, overrides: Mapping[str, Any]) -> SimulatorPa
     return dataclasses.replace(params, **changes)
 
 
+# fMRI noise (per-trial std of the spatially correlated and the white voxel noise), calibrated
+# with the residual MLP on fmri-mini (docs/simulator.md).
+_FMRI_NOISE_PINK = 1.0
+_FMRI_NOISE_WHITE = 3.0
 _TINY = dict(
     n_subjects=2, n_train_concepts=30, n_train_images=4, n_train_reps=2, n_test_concepts=20, n_test_reps=4
 )
@@ -480,12 +681,64 @@ _FULL = dict(
     sfreq=250.0,
     n_times=250,
 )
+# THINGS-MEG (Hebart et al. 2023, as NICE/AlignVis use it): 4 participants, 271 CTF sensors,
+# 200 Hz, 0..1 s (201 samples); training = the 1,654 non-test concepts x 12 images, each shown
+# once; test = 200 images x 12 repetitions (averaged at test time).
+_MEG = dict(
+    modality="meg",
+    n_subjects=4,
+    n_train_concepts=1654,
+    n_train_images=12,
+    n_train_reps=1,
+    n_test_concepts=200,
+    n_test_reps=12,
+    ch_names=tuple(THINGS_MEG_271),
+    sfreq=200.0,
+    n_times=201,
+)
+# The same design at a size that trains in minutes on 2 CPU cores: all 271 sensors, 100 Hz.
+_MEG_MINI = _MEG | dict(n_train_concepts=100, n_test_concepts=100, sfreq=100.0, n_times=101)
+# NSD (Allen et al. 2022; the MindEye / AlignVis split): 4 subjects (NSD's 1, 2, 5, 7), one value
+# per voxel of an nsdgeneral-sized ROI (subject 1: 15,724 voxels), 9,000 training images x 3
+# single trials (trained unaveraged), the 1,000 shared images x 3 repetitions as test set
+# (averaged: a 1000-way test). NSD has no concepts: each image is its own concept.
+_FMRI = dict(
+    modality="fmri",
+    n_subjects=4,
+    n_train_concepts=9000,
+    n_train_images=1,
+    n_train_reps=3,
+    n_test_concepts=1000,
+    n_test_reps=3,
+    ch_names=(),
+    n_voxels=15724,
+    sfreq=0.0,
+    n_times=1,
+    # voxel populations are many and narrowly tuned: 80 sources with 0.15-wide blobs (EEG/MEG:
+    # 20 sources seen through 0.35-wide scalp patterns), so the ROI carries more than the 32
+    # latent dimensions, as nsdgeneral's thousands of voxels do
+    n_early=24,
+    n_mid=24,
+    n_late=32,
+    pattern_width=0.15,
+    noise_pink=_FMRI_NOISE_PINK,
+    noise_white=_FMRI_NOISE_WHITE,
+    noise_corr_length=0.15,
+    alpha_amp=0.0,
+)
+# The same design scaled down: 2,000 voxels, 1,500 training images, still a 1000-way test.
+_FMRI_MINI = _FMRI | dict(n_train_concepts=1500, n_voxels=2000)
 #: Named parameter sets: ``tiny`` (tests, seconds), ``mini`` (default; trains in minutes on
-#: 2 CPU cores) and ``full`` (Things-EEG2 sizes: 10 subjects x 16,540 images x 4 reps x 63 x 250).
+#: 2 CPU cores), ``full`` (Things-EEG2 sizes: 10 subjects x 16,540 images x 4 reps x 63 x 250),
+#: ``meg`` / ``meg-mini`` (THINGS-MEG design) and ``fmri`` / ``fmri-mini`` (NSD design).
 PRESETS: dict[str, SimulatorParams] = {
     "tiny": SimulatorParams(**_TINY),  # type: ignore[arg-type]
     "mini": SimulatorParams(),
     "full": SimulatorParams(**_FULL),  # type: ignore[arg-type]
+    "meg": SimulatorParams(**_MEG),  # type: ignore[arg-type]
+    "meg-mini": SimulatorParams(**_MEG_MINI),  # type: ignore[arg-type]
+    "fmri": SimulatorParams(**_FMRI),  # type: ignore[arg-type]
+    "fmri-mini": SimulatorParams(**_FMRI_MINI),  # type: ignore[arg-type]
 }
 
 
@@ -603,6 +856,8 @@ class SimWorld:
     def times(self) -> np.ndarray:
         """Sample times in seconds, ``(n_times,)``."""
         p = self.params
+        if p.modality == "fmri":
+            return np.full(1, p.tmin)
         return p.tmin + np.arange(p.n_times) / p.sfreq
 
     def rows(self, split: str) -> np.ndarray:
@@ -633,7 +888,7 @@ class SimWorld:
         sub = self._subject(subject)
         p = self.params
         a = self.drives(subject, rows)
-        x = sub.gain * (a @ sub.basis).reshape(len(a), len(p.ch_names), p.n_times)
+        x = sub.gain * (a @ sub.basis).reshape(len(a), p.n_chans, p.n_times)
         return np.asarray(x + sub.erp)
 
     def trials(self, subject: int, rows: np.ndarray | Sequence[int], n_reps: int) -> np.ndarray:
@@ -644,9 +899,11 @@ class SimWorld:
         """
         p = self.params
         rows = np.asarray(rows)
-        n_ch, n_t = len(p.ch_names), p.n_times
+        n_ch, n_t = p.n_chans, p.n_times
         sub = self._subject(subject)
         evoked = self.evoked(subject, rows) - sub.erp  # (n, C, T), image-dependent part
+        if p.modality == "fmri":
+            return self._voxel_trials(subject, rows, n_reps, evoked, sub)
         white1 = np.empty((len(rows), n_reps, n_ch, n_t))
         white2 = np.empty_like(white1)
         gain = np.empty((len(rows), n_reps))
@@ -675,6 +932,25 @@ class SimWorld:
         x += sub.erp
         x += noise
         return np.asarray(x.reshape(len(rows) * n_reps, n_ch, n_t), dtype=np.float32)
+
+    def _voxel_trials(
+        self, subject: int, rows: np.ndarray, n_reps: int, evoked: np.ndarray, sub: _Subject
+    ) -> np.ndarray:
+        """fMRI single trials: gain x evoked + ERP + spatially correlated + white voxel noise."""
+        p = self.params
+        n_vox, n_fields = self._noise_mix.shape
+        fields = np.empty((len(rows), n_reps, n_fields))
+        white = np.empty((len(rows), n_reps, n_vox))
+        gain = np.empty((len(rows), n_reps))
+        for i, row in enumerate(rows):
+            rng = _rng(self.seed, _S_TRIAL, subject, int(row))
+            fields[i] = rng.standard_normal((n_reps, n_fields))
+            white[i] = rng.standard_normal((n_reps, n_vox))
+            gain[i] = 1.0 + p.trial_gain_sd * rng.standard_normal(n_reps)
+        x = gain[..., None] * evoked[:, None, :, 0] + sub.erp[None, None, :, 0]
+        x += p.noise_pink * (fields @ self._noise_mix.T)
+        x += p.noise_white * white
+        return np.asarray(x.reshape(len(rows) * n_reps, n_vox, 1), dtype=np.float32)
 
     # ---- image encoders
     def embeddings(self, backbone: str, alignment: str) -> tuple[np.ndarray, dict[str, float]]:
@@ -729,6 +1005,23 @@ def _pink(white: np.ndarray, exponent: float, sfreq: float) -> np.ndarray:
     two_sided = h[0] ** 2 + 2 * (h[1:] ** 2).sum() - (h[-1] ** 2 if n_t % 2 == 0 else 0.0)
     h = h * math.sqrt(n_t / two_sided)
     return np.fft.irfft(np.fft.rfft(white, axis=-1) * h, n=n_t, axis=-1)
+
+
+#: Latent noise fields behind the spatially correlated fMRI noise (a Cholesky factor of a
+#: 15,000-voxel covariance would not fit in memory).
+_VOXEL_NOISE_FIELDS = 256
+
+
+def _voxel_noise_mix(layout: np.ndarray, length: float) -> np.ndarray:
+    """``(n_voxels, K)`` map from ``K`` unit-variance noise fields to voxels, unit-norm rows.
+
+    Field ``k`` is a gaussian blob of width ``length`` centred at the ``k``-th point of the
+    voxel sheet, so nearby voxels share noise (correlation ~ ``exp(-d^2 / 4 length^2)``).
+    """
+    centres = voxel_sheet(_VOXEL_NOISE_FIELDS)
+    d2 = ((layout[:, None] - centres[None]) ** 2).sum(-1)
+    mix = np.exp(-d2 / (2 * length**2))
+    return np.asarray(mix / np.linalg.norm(mix, axis=1, keepdims=True))
 
 
 def _blob(layout: np.ndarray, center: np.ndarray, width: float) -> np.ndarray:
@@ -809,9 +1102,14 @@ def _make_subject(world: SimWorld, subject: int) -> _Subject:
         ]
     )  # (J, C)
     t = world.times
-    kernels = np.exp(-((t[None, :] - latency[:, None]) ** 2) / (2 * tpl["width"][:, None] ** 2))  # (J, T)
+    if p.modality == "fmri":
+        # A voxel's BOLD response integrates its sources' activity over seconds: no time axis,
+        # each source's blob responds with its amplitude x drive.
+        kernels = np.ones((n_src, 1))
+    else:
+        kernels = np.exp(-((t[None, :] - latency[:, None]) ** 2) / (2 * tpl["width"][:, None] ** 2))  # (J, T)
     basis = (tpl["amp"][:, None, None] * patterns[:, :, None] * kernels[:, None, :]).reshape(n_src, -1)
-    erp = p.erp_amp * (tpl["erp_sign"] @ basis).reshape(len(p.ch_names), p.n_times)
+    erp = p.erp_amp * (tpl["erp_sign"] @ basis).reshape(p.n_chans, p.n_times)
     alpha_pattern = _blob(layout, np.array([0.0, -0.9]) + rng.normal(0, 0.1, 2), 0.5)
     alpha_freq = float(p.alpha_freq + rng.normal(0.0, 0.7))
     return _Subject(
@@ -879,10 +1177,13 @@ def build_world(params: SimulatorParams, seed: int = 0, null: bool = False) -> S
     perceptual = _standardize_groups(perceptual_features(latents), _FACTOR_SLICES)
     semantic = _standardize_groups(semantic_raw, [(0, p.d_semantic)])
 
-    layout = channel_layout(p.ch_names)
-    d2 = ((layout[:, None] - layout[None]) ** 2).sum(-1)
-    cov = np.exp(-d2 / (2 * p.noise_corr_length**2)) + 1e-3 * np.eye(len(layout))
-    mix = np.linalg.cholesky(cov / (1 + 1e-3))  # rows have unit norm: unit variance per channel
+    layout = p.positions()
+    if p.modality == "fmri":
+        mix = _voxel_noise_mix(layout, p.noise_corr_length)
+    else:
+        d2 = ((layout[:, None] - layout[None]) ** 2).sum(-1)
+        cov = np.exp(-d2 / (2 * p.noise_corr_length**2)) + 1e-3 * np.eye(len(layout))
+        mix = np.linalg.cholesky(cov / (1 + 1e-3))  # rows have unit norm: unit variance per channel
     return SimWorld(
         params=p,
         seed=seed,
@@ -1010,17 +1311,18 @@ def simulate_dataset(
 
     t0 = time.perf_counter()
     world = build_world(params, seed, null)
+    name = dataset_name(params)
     meta = DatasetMeta(
-        name=DATASET_NAME,
-        modality="eeg",
-        ch_names=tuple(params.ch_names),
+        name=name,
+        modality=params.modality,
+        ch_names=params.channel_names,
         sfreq=params.sfreq,
         tmin=params.tmin,
         n_times=params.n_times,
         subjects=world.subjects,
         source=source,
     )
-    log.info("Simulating %s (preset %s, seed %d, null=%s) into %s", DATASET_NAME, preset, seed, null, out)
+    log.info("Simulating %s (preset %s, seed %d, null=%s) into %s", name, preset, seed, null, out)
     try:
         _write(out, meta, world, params, seed, null, replace=replace, progress=progress)
     except BrainalignError:
@@ -1067,13 +1369,18 @@ def _write(out: Path, meta: DatasetMeta, world: SimWorld, params: SimulatorParam
             with tqdm(total=n_rows, desc=f"sub-{sid}", unit="img", disable=not progress) as bar:
                 for split in ("train", "test"):
                     reps = world.n_reps(split)
-                    per_chunk = max(1, _CHUNK_BYTES // (reps * len(params.ch_names) * params.n_times * 4))
+                    per_chunk = max(1, _CHUNK_BYTES // (reps * params.n_chans * params.n_times * 4))
                     for rows in _chunks(world.rows(split), per_chunk):
                         x = world.trials(si, rows, reps)
                         ids = [world.image_ids[r] for r in rows for _ in range(reps)]
                         concepts = [world.concepts[r] for r in rows for _ in range(reps)]
                         w.write_epochs(sid, split, ids, concepts, np.tile(np.arange(reps), len(rows)), x)
                         bar.update(len(rows))
+
+
+def dataset_name(params: SimulatorParams) -> str:
+    """``DatasetMeta.name`` of a simulated dataset: ``things-eeg2-sim``, ``things-meg-sim`` or ``nsd-sim``."""
+    return DATASET_NAMES[params.modality]
 
 
 def _write_latents(path: Path, world: SimWorld) -> None:

@@ -36,6 +36,8 @@ class StudyState:
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)
     finals: dict[str, dict[str, Any]] = field(default_factory=dict)
     report_logged: bool = False
+    #: analyses done on the finished tested runs (``"explain"``, ``"grids"``)
+    analyses: list[str] = field(default_factory=list)
 
     @classmethod
     def new(cls, folder: Path, study: Study) -> StudyState:
@@ -65,7 +67,8 @@ class StudyState:
             )
         return cls(path=path, study=study.name, fingerprint=study.fingerprint(),
                    study_run_id=str(doc.get("study_run_id", "")), searches=dict(doc.get("searches", {})),
-                   finals=dict(doc.get("finals", {})), report_logged=bool(doc.get("report_logged", False)))
+                   finals=dict(doc.get("finals", {})), report_logged=bool(doc.get("report_logged", False)),
+                   analyses=list(doc.get("analyses", [])))
 
     def selected(self) -> dict[str, dict[str, Any]]:
         """Search key -> best config, for every finished search."""
@@ -80,6 +83,7 @@ class StudyState:
             "searches": self.searches,
             "finals": self.finals,
             "report_logged": self.report_logged,
+            "analyses": self.analyses,
         })
 
 

@@ -16,7 +16,8 @@ The report reads these numbers only through :func:`summarize`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,40 @@ import numpy as np
 from .. import stats
 from ..stats import mean_sem
 
-__all__ = ["METRICS", "ComparisonStats", "FinalRow", "compare", "mean_sem", "summarize"]
+__all__ = ["GALLERY_METRIC", "METRICS", "ComparisonStats", "FinalRow", "compare", "extra_metrics", "gallery_values",
+           "mean_sem", "metric_label", "summarize"]
 
-#: The test metrics a report compares.
+#: The test metrics a report always compares (the test gallery: N-way retrieval).
 METRICS = ("test_top1", "test_top5")
+#: Metrics of a run's other galleries (``test.gallery = "test+train"``): ``test_top1_16740way`` ...
+GALLERY_METRIC = re.compile(r"^test_top([15])_(\d+)way$")
+
+
+def metric_label(metric: str) -> str:
+    """``test_top1`` -> ``top-1``; ``test_top1_16740way`` -> ``top-1 (16740-way)``."""
+    m = GALLERY_METRIC.match(metric)
+    if m:
+        return f"top-{m.group(1)} ({m.group(2)}-way)"
+    return metric.replace("test_", "").replace("top", "top-")
+
+
+def gallery_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The gallery metrics (``test_top1_<N>way`` ...) among a run's ``metrics``."""
+    return {k: float(v) for k, v in metrics.items() if GALLERY_METRIC.match(k)}
+
+
+def extra_metrics(rows: Sequence[FinalRow]) -> list[str]:
+    """The large-gallery metrics every row has, by n-way (``test_top1_16740way``, ...).
+
+    A run logs ``test_top{1,5}_<N>way`` for each of its galleries, the test gallery included
+    (the same numbers as ``test_top1`` / ``test_top5``); those of the test gallery are left out.
+    """
+    if not rows:
+        return []
+    common = set.intersection(*(set(r.extra) for r in rows))
+    n_test = {round(r.test_n_way) for r in rows if not math.isnan(r.test_n_way)}
+    out = [m for m in common if (g := GALLERY_METRIC.match(m)) and int(g.group(2)) not in n_test]
+    return sorted(out, key=lambda m: (int(GALLERY_METRIC.match(m).group(2)), m))  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,14 @@ class FinalRow:
     test_top1: float
     test_top5: float
     test_n_way: float = float("nan")
+    #: the run's other-gallery metrics, e.g. ``{"test_top1_16740way": 0.05, ...}``
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def value(self, metric: str) -> float:
+        """The run's ``metric``: ``test_top1``, ``test_top5`` or an ``extra`` gallery metric."""
+        if metric in self.extra:
+            return float(self.extra[metric])
+        return float(getattr(self, metric))
 
 
 @dataclass
@@ -113,8 +152,9 @@ def compare(rows: Iterable[FinalRow], metric: str, *, seed: int = 0) -> list[Com
     ----------
     rows : iterable of FinalRow
         Final runs; for each encoder x backbone both arms must cover the same subjects and seeds.
-    metric : {"test_top1", "test_top5"}
-        The metric compared.
+    metric : str
+        ``test_top1``, ``test_top5`` or a large-gallery metric such as ``test_top1_16740way``
+        (every row must have it; its chance level is ``k / 16740``).
     seed : int
         Seed of the subject bootstrap.
 
@@ -142,11 +182,15 @@ def compare(rows: Iterable[FinalRow], metric: str, *, seed: int = 0) -> list[Com
         keys = sorted(al)
         subjects = sorted({s for s, _ in keys})
         seeds = sorted({k for _, k in keys})
-        a = {s: [float(getattr(al[k], metric)) for k in keys if k[0] == s] for s in subjects}
-        b = {s: [float(getattr(ba[k], metric)) for k in keys if k[0] == s] for s in subjects}
+        a = {s: [float(al[k].value(metric)) for k in keys if k[0] == s] for s in subjects}
+        b = {s: [float(ba[k].value(metric)) for k in keys if k[0] == s] for s in subjects}
         c = stats.paired_comparison(a, b, name=f"{enc} / {bb} / {metric}", seed=seed)
-        n_way = float(np.nanmean([al[k].test_n_way for k in keys]))
-        k_top = 5 if metric.endswith("top5") else 1
+        gm = GALLERY_METRIC.match(metric)
+        if gm:
+            n_way, k_top = float(gm.group(2)), int(gm.group(1))
+        else:
+            n_way = float(np.nanmean([al[k].test_n_way for k in keys])) if keys else float("nan")
+            k_top = 5 if metric.endswith("top5") else 1
         chance = min(k_top, n_way) / n_way if n_way and not math.isnan(n_way) else float("nan")
         out.append(ComparisonStats(
             encoder=enc, backbone=bb, aligned_alignment=next(iter(al.values())).alignment,
@@ -159,7 +203,9 @@ def compare(rows: Iterable[FinalRow], metric: str, *, seed: int = 0) -> list[Com
 
 
 def summarize(rows: Sequence[FinalRow], *, correction: str = "holm", seed: int = 0) -> list[ComparisonStats]:
-    """Every comparison of a report, corrected as one family; sorted by encoder, backbone, metric.
+    """Every comparison of a report, corrected as one family: :func:`compare` for each of
+    :data:`METRICS` and then each large-gallery metric all rows have (:func:`extra_metrics`),
+    sorted by encoder, backbone and metric (in that order).
 
     Parameters
     ----------
@@ -170,8 +216,10 @@ def summarize(rows: Sequence[FinalRow], *, correction: str = "holm", seed: int =
     seed : int
         Seed of the bootstrap.
     """
-    found = [s for m in METRICS for s in compare(rows, m, seed=seed)]
-    found.sort(key=lambda s: (s.encoder, s.backbone, s.metric))
+    metrics = [*METRICS, *extra_metrics(rows)]
+    order = {m: i for i, m in enumerate(metrics)}
+    found = [s for m in metrics for s in compare(rows, m, seed=seed)]
+    found.sort(key=lambda s: (s.encoder, s.backbone, order[s.metric]))
     corrected = stats.correct_family([s.comparison for s in found], correction)
     for s, c in zip(found, corrected, strict=True):
         s.comparison = c

@@ -38,6 +38,7 @@ from .._checks import BrainalignError
 from .._ray import watch_resource_wait
 from ..config import TrainConfig
 from ._state import recorded_final
+from ._stats import gallery_values
 from .searchspace import ParamSpec
 from .spec import Resources
 from .units import RunUnit, SearchUnit
@@ -230,7 +231,7 @@ def _pack_trial(config: dict[str, Any], packs: Mapping[str, Sequence[RunUnit]], 
                 "test_n_way": res.test.get("test_n_way", float("nan")),
                 "val_top1_best": res.val.get("val_top1_best", float("nan")),
                 "best_epoch": res.best_epoch,
-            }
+            } | gallery_values(res.test)
     ray.tune.report({"pack": key, "results": json.dumps(done)})
 
 
@@ -510,4 +511,5 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
             for ukey, rec in json.loads(str(metrics["results"])).items():
                 done[ukey] = {k: rec[k] for k in ("run_id", "test_top1", "test_top5", "test_n_way",
                                                   "val_top1_best", "best_epoch") if k in rec}
+                done[ukey] |= gallery_values(rec)
     return UnitsOutcome(results=done, failed=failed, interrupted=interrupted)

@@ -98,6 +98,13 @@ def validate_data(study: Study, spaces: Mapping[str, SearchSpace] | None = None,
     ds = open_dataset(study.dataset_path)
     tables = ds.tables()
     _check_contents(study, ds.meta.subjects, tables, f"dataset {ds.root}")
+    from ..data.prepare import check_normalization
+
+    for mode in sorted({str(v) for v in _candidates(study, spaces or {}, "data.normalize")}):
+        try:  # fMRI (one sample per voxel) cannot be centred over time
+            check_normalization(mode, ds.meta.n_times)
+        except BrainalignError as e:
+            raise BrainalignError(f"study {study.name} ({ds.root}): {e}") from None
     _check_sizes(study, ds, spaces or {}, training_sets)
     dims = {t: int(read_table_meta(tables[t])["dim"]) for p in study.pairs for t in (p.aligned_table, p.base_table)}
     fixed = dict(study.config) | dict(study.overrides)
@@ -126,6 +133,9 @@ def _candidates(study: Study, spaces: Mapping[str, SearchSpace], key: str) -> li
     from ..config import TrainConfig
 
     fixed = dict(study.config) | dict(study.overrides) | {"epochs": study.max_epochs}
+    # arch.* options belong to the study's encoders (checked per encoder elsewhere), not to the
+    # default one a bare TrainConfig would check them against
+    fixed = {k: v for k, v in fixed.items() if not k.startswith("arch.")}
     values = [TrainConfig.from_flat(fixed, strict_types=False).to_flat()[key]]
     for space in spaces.values():
         values += [c for p in space.params if p.name == key for c in p.candidates()]

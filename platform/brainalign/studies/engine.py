@@ -44,6 +44,7 @@ from .._checks import BrainalignError, check_option
 from .._io import claim_dir, remove_owned
 from ..paths import Locations
 from ._state import STATE_FILE, StudyState
+from ._stats import gallery_values
 from .data import ensure_dataset, validate_data
 from .progress import LiveView, status_lines
 from .report import (
@@ -71,6 +72,7 @@ __all__ = [
     "render_report",
     "run_study",
     "study_folder",
+    "study_run_of",
     "study_status",
 ]
 
@@ -340,7 +342,7 @@ class _Execution:
                 kept = tracking.reconcile_runs(runs, finished[-1].run_id, uri)
                 m = finished[-1].metrics
                 state.finals[u.key] = {"run_id": kept, "test_top1": m["test_top1"], "test_top5": m["test_top5"],
-                                       "test_n_way": m.get("test_n_way", float("nan"))}
+                                       "test_n_way": m.get("test_n_way", float("nan"))} | gallery_values(m)
             else:
                 for r in runs:
                     log.info("deleting run %s left by an interrupted attempt", r.run_id)
@@ -369,6 +371,36 @@ class _Execution:
         missing = [u.key for u in units if u.key not in state.finals]
         if missing:
             raise RuntimeError(f"the tested runs finished without results for {missing}")
+
+    # ----------------------------------------------------------------- analyses
+    def analyses(self) -> None:
+        """``[study] explain`` and ``[study] grids`` on the finished tested runs, once (recorded
+        in the state file); their files go to the study run and show in the report."""
+        st, state = self.study, self.state
+        todo = [a for a, on in (("explain", st.explain), ("grids", st.grids > 0)) if on and a not in state.analyses]
+        if todo:
+            claim_dir(_report_folder(st), "report")  # the analyses write into its explain/ and grids/
+        for what in todo:
+            t0 = time.perf_counter()
+            if what == "explain":
+                from ..analysis.explain import explain_study
+
+                res = explain_study(st.name, experiment=st.experiment, study_run_id=state.study_run_id,
+                                    out_dir=_report_folder(st) / "explain", update_report=False, uri=self.uri)
+                log.info("explain: %d tested runs explained in %.1f s", len(res.runs), time.perf_counter() - t0)
+            else:
+                from ..analysis.grids import image_grids, pair_from_study
+                from ..config import TrainConfig
+
+                aligned, base, _ = pair_from_study(st.name, experiment=st.experiment,
+                                                   study_run_id=state.study_run_id, uri=self.uri)
+                galleries = TrainConfig.from_flat(dict(st.config) | dict(st.overrides)).test.galleries
+                image_grids(aligned, base, galleries=galleries, n=st.grids, out_dir=_report_folder(st) / "grids",
+                            log_to=state.study_run_id, uri=self.uri)
+                log.info("grids: top-5 images of %d queries in %.1f s", st.grids, time.perf_counter() - t0)
+            state.analyses.append(what)
+            state.report_logged = False  # the report gains a section: log it again
+            state.save()
 
     # ----------------------------------------------------------------- report
     def report(self, *, final: bool) -> Report:
@@ -411,7 +443,33 @@ def _render(study: Study, plan: Plan, study_run_id: str, uri: str, selection: Ma
     )
     context = {"study": study.name, "kind": study.kind, "study_file": study.path, "study_run_id": study_run_id,
                "tracking_uri": uri, "selection": dict(selection or {})}
+    report.sections += _analysis_sections(study_run_id, uri, _report_folder(study))
     return write_report(report, _report_folder(study), context)
+
+
+def _analysis_sections(study_run_id: str, uri: str, folder: Path) -> list[str]:
+    """Report sections of the analyses logged to the study run (``grids/``, ``explain/``); their
+    files are fetched from MLflow into the report folder when missing there."""
+    out = []
+    for sub in ("grids", "explain"):
+        names = sorted(Path(p).name for p in tracking.list_artifacts(study_run_id, sub, uri))
+        if not names:
+            continue
+        if any(not (folder / sub / n).is_file() for n in names):
+            claim_dir(folder, "report")
+            claim_dir(folder / sub, "report")
+            tracking.download_artifacts(study_run_id, sub, folder, uri)
+        if sub == "grids":
+            pngs = [n for n in names if n.endswith(".png")]
+            out.append("\n".join(["## Top-5 retrieved images", "",
+                                   "The aligned (top) and base (bottom) model's five best images for test queries "
+                                   "where the arms disagree most (`brainalign grids`, docs/analyses.md).", "",
+                                   *[f"![{n[:-4]}](grids/{n})" for n in pngs]]) + "\n")
+        elif "explain.md" in names:
+            from ..analysis.explain import report_section
+
+            out.append(report_section((folder / sub / "explain.md").read_text(), "explain/"))
+    return out
 
 
 def _start_study_run(study: Study, plan: Plan, uri: str) -> str:
@@ -522,6 +580,8 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
                 guard.check()
             ex.run_units(plan.runs(ex.ctx, state.selected()))
             guard.check()
+            ex.analyses()
+            guard.check()
             report = ex.report(final=True)
         except BaseException:
             ex.partial_report()
@@ -532,7 +592,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
 
 
 # --------------------------------------------------------------------------- report, status
-def _study_run_id(study: Study, uri: str) -> str:
+def study_run_of(study: Study, uri: str) -> str:
     """The study run of the state file, else the newest study run of this study in MLflow."""
     try:
         state = StudyState.load(study_folder(study), study)
@@ -558,7 +618,7 @@ def render_report(study: Study) -> Report:
     if hasattr(plan, "execute"):  # calibrate: re-rendered from its recorded draws
         report: Report = plan.report()
         return report
-    run_id = _study_run_id(study, uri)
+    run_id = study_run_of(study, uri)
     if not run_id:
         raise BrainalignError(f"study {study.name} has no study run in experiment {study.experiment!r} at {uri}.")
     return _render(study, plan, run_id, uri)
@@ -600,7 +660,7 @@ def study_status(study: Study) -> list[str]:
         return [f"study {study.name} ({study.kind})",
                 "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws}" for e, n in done.items()),
                 f"  recorded in: {draws_file(study)}"]
-    run_id = _study_run_id(study, uri)
+    run_id = study_run_of(study, uri)
     state = study_folder(study) / STATE_FILE
     extra = [f"  state: {state}" if state.is_file() else "  state: none (not started here)"]
     return status_lines(study, plan, run_id, uri, extra)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..stats import stars
 from ..tracking import RunRecord
-from ._stats import METRICS, ComparisonStats, FinalRow, summarize
+from ._stats import METRICS, ComparisonStats, FinalRow, gallery_values, metric_label, summarize
 
 __all__ = ["CombinedReport", "Report", "build_report", "combine_reports", "complete_pairs", "read_runs_csv",
            "rows_from_runs", "runs_csv", "write_combined", "write_report"]
@@ -49,8 +49,9 @@ _LEGEND = (
     "[95% CI, t-based]; boot.: subject bootstrap 95% CI; d_z = mean(Δ) / sd(Δ). p (t): paired t-test across "
     "subjects; p (perm.): exact paired sign-flip permutation test across subjects (the primary test); "
     "p (adj.): the primary p adjusted over all {m} comparisons of the study ({method}); stars only from it "
-    "(* < .05, ** < .01, *** < .001). All tests two-sided. Hyperparameters were selected on validation data "
-    "only."
+    "(* < .05, ** < .01, *** < .001). All tests two-sided. top-k: N-way retrieval among the test images; "
+    "top-k (M-way): the same queries ranked among the test and every training image "
+    "(`test.gallery = \"test+train\"`). Hyperparameters were selected on validation data only."
 )
 _METHOD = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 
@@ -78,6 +79,7 @@ def rows_from_runs(runs: Sequence[RunRecord], keys: Collection[str] | None = Non
             encoder=t["brain_encoder"], backbone=t["backbone"], alignment=t["alignment"], arm=t["arm"],
             subject=t["subject"], seed=int(t["seed"]), run_id=r.run_id, test_top1=float(m["test_top1"]),
             test_top5=float(m["test_top5"]), test_n_way=float(m.get("test_n_way", float("nan"))),
+            extra=gallery_values(m),
         ))
     return rows
 
@@ -91,13 +93,15 @@ def complete_pairs(rows: Sequence[FinalRow]) -> list[FinalRow]:
 
 
 def runs_csv(rows: Sequence[FinalRow]) -> str:
-    """The per-run values (one row per tested run) as CSV."""
+    """The per-run values (one row per tested run) as CSV; each gallery metric a run logged
+    (``test_top1_<N>way`` ...) is one more column."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RUN_COLUMNS)
+    extra = sorted({m for r in rows for m in r.extra})
+    w.writerow([*RUN_COLUMNS, *extra])
     for r in rows:
         w.writerow([getattr(r, c) if not isinstance(getattr(r, c), float) else repr(getattr(r, c))
-                    for c in RUN_COLUMNS])
+                    for c in RUN_COLUMNS] + [repr(float(r.extra[m])) if m in r.extra else "" for m in extra])
     return buf.getvalue()
 
 
@@ -108,7 +112,8 @@ def read_runs_csv(text: str) -> list[FinalRow]:
         out.append(FinalRow(encoder=d["encoder"], backbone=d["backbone"], alignment=d["alignment"], arm=d["arm"],
                             subject=d["subject"], seed=int(d["seed"]), run_id=d["run_id"],
                             test_top1=float(d["test_top1"]), test_top5=float(d["test_top5"]),
-                            test_n_way=float(d["test_n_way"])))
+                            test_n_way=float(d["test_n_way"]),
+                            extra={k: float(v) for k, v in d.items() if k not in RUN_COLUMNS and v not in ("", None)}))
     return out
 
 
@@ -176,6 +181,13 @@ def _num(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:+.2f}"
 
 
+def _chance(x: float) -> str:
+    """Chance in %: ``0.5`` for 200-way top-1, ``0.006`` for 16,740-way top-1."""
+    if math.isnan(x):
+        return "n/a"
+    return f"{100 * x:.1f}" if 100 * x >= 0.1 else f"{100 * x:.2g}"
+
+
 def _table1(stats: Sequence[ComparisonStats]) -> tuple[list[str], list[list[str]]]:
     header = ["Brain encoder", "Backbone", "Metric", "Base", "Human-aligned", "Δ [95% CI]", "boot. CI", "d_z",
               "p (t)", "p (perm.)", "p (adj.)", "sig.", "n subj. × seeds", "Δ rel.", "chance"]
@@ -184,12 +196,12 @@ def _table1(stats: Sequence[ComparisonStats]) -> tuple[list[str], list[list[str]
         c = s.comparison
         body.append([
             s.encoder, f"{s.backbone} ({s.aligned_alignment} vs {s.base_alignment})",
-            s.metric.replace("test_", "").replace("top", "top-"),
+            metric_label(s.metric),
             _pct(s.base_subject_mean, s.base_subject_sem), _pct(s.aligned_subject_mean, s.aligned_subject_sem),
             f"{_delta(c.mean_difference)} {_ci(c.ci_t.low, c.ci_t.high)}",
             _ci(c.ci_bootstrap.low, c.ci_bootstrap.high), _num(c.d_z), _p(c.t_test.p), _p(c.permutation.p),
             _p(c.permutation.p_adjusted), c.stars or "n.s.", c.design.replace(" x ", " × "),
-            _rel(s.relative_improvement), "n/a" if math.isnan(s.chance) else f"{100 * s.chance:.1f}",
+            _rel(s.relative_improvement), _chance(s.chance),
         ])
     return header, body
 
@@ -253,7 +265,7 @@ def _subject_tables(subjects: Sequence[SubjectRow], stats: Sequence[ComparisonSt
                          _delta(s.aligned_top1 - s.base_top1), _pct(s.aligned_top5), _pct(s.base_top5),
                          _delta(s.aligned_top5 - s.base_top5)])
         cmp_ = {c.metric: c for c in stats if (c.encoder, c.backbone) == (enc, bb)}
-        if set(cmp_) == set(METRICS):
+        if set(cmp_) >= set(METRICS):
             c1, c5 = cmp_["test_top1"], cmp_["test_top5"]
             body.append([f"**mean ± s.e.m.** (n={c1.n_subjects})", "",
                          _pct(c1.aligned_subject_mean, c1.aligned_subject_sem),
@@ -291,6 +303,8 @@ class Report:
     subjects: list[SubjectRow]
     partial: bool = False
     files: dict[str, Path] = field(default_factory=dict)
+    #: extra markdown sections (the analyses: image grids, gradient analysis), in order
+    sections: list[str] = field(default_factory=list)
 
     @property
     def markdown(self) -> str:
@@ -310,6 +324,8 @@ class Report:
         notes = sorted({f"- {s.encoder} × {s.backbone} {s.metric}: {n}" for s in self.stats for n in s.notes})
         if notes:
             lines += ["", "Notes:", *notes]
+        for section in self.sections:
+            lines += ["", section.rstrip()]
         return "\n".join(lines) + "\n"
 
     @property
@@ -392,7 +408,7 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if any(s.metric == m for s in stats)]
+    metrics = list(dict.fromkeys(s.metric for s in stats))  # top-1, top-5, then each larger gallery
     n_groups = max(1, len(stats) // max(1, len(metrics)))
     width = 2.2 + 1.3 * n_groups
     fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics) + 0.5, 4), squeeze=False)
@@ -414,7 +430,7 @@ def render_figure(stats: Sequence[ComparisonStats], path: Path, title: str = "")
                 ax.hlines(100 * s.chance, x[i] - w, x[i] + w, colors="k", linestyles=":", linewidth=1)
         ax.set_xticks(x, [f"{s.encoder}\n{s.backbone}" for s in sel])
         ax.set_xlim(-0.9, len(sel) - 0.1)
-        ax.set_ylabel(f"{metric.replace('test_', 'test ').replace('top', 'top-')} accuracy (%)")
+        ax.set_ylabel(f"test {metric_label(metric)} accuracy (%)")
         ax.set_ylim(0, max([*(b + e for b, e in zip(base, be, strict=True)),
                             *(a + e for a, e in zip(al, ae, strict=True)), 1.0]) * 1.25)
         ax.legend(frameon=False, fontsize=8)

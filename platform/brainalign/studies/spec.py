@@ -74,7 +74,7 @@ INHERIT_NEVER = frozenset(STUDY_OWNED) | MACHINE_KEYS | {"select_metric"}
 
 _TABLES = ("study", "resources", "config")
 _COMMON_KEYS = ("kind", "name", "experiment", "description", "dataset", "simulate", "subjects", "encoders",
-                "pairs", "max_epochs", "final_seeds", "correction", "select_metric")
+                "pairs", "max_epochs", "final_seeds", "correction", "select_metric", "explain", "grids")
 _RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
 _SIMULATE_KEYS = ("preset", "seed", "null", "overrides")
 _ENCODER_KEYS = ("name", "searchspace")
@@ -347,6 +347,15 @@ class Study:
         The kind's own settings.
     path : str
         The study file.
+    explain : bool
+        ``[study] explain = true``: once the tested runs finished, run the gradient analysis
+        (:func:`brainalign.analysis.explain.explain_study`) on them; its figures and tables go to
+        the study run and the report. Not part of the fingerprint: turning it on for a finished
+        study and running the same command again explains it.
+    grids : int
+        ``[study] grids = N``: top-5 image grids (:func:`brainalign.analysis.grids.image_grids`)
+        of the first encoder x pair, first subject and seed, on the N test queries where the arms
+        disagree most, for each gallery of ``test.gallery`` (0: none; not in the fingerprint).
     """
 
     kind: str
@@ -368,6 +377,8 @@ class Study:
     select_metric: str = "val_loss"
     options: Any = None
     path: str = ""
+    explain: bool = False
+    grids: int = 0
 
     @property
     def dataset_path(self) -> Path:
@@ -621,7 +632,8 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
     _check_config_keys(f"{where}: [config]", config)
     _check_config_keys("--set", overrides)
     try:
-        TrainConfig.from_flat(config | overrides | {"epochs": max_epochs})
+        # arch.* options are checked against the study's encoder (not the default one)
+        TrainConfig.from_flat(config | overrides | {"epochs": max_epochs, "encoder": encoders[0]})
     except BrainalignError as e:
         raise BrainalignError(f"{where}: [config] (with max_epochs = {max_epochs}) is invalid: {e}") from None
 
@@ -643,6 +655,8 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
         correction=check_option(f"{w} correction", as_str(f"{w} correction", st.get("correction", "holm")),
                                 ("holm", "bh")),
         select_metric=select_metric,
+        explain=as_bool(f"{w} explain", st.get("explain", False)),
+        grids=as_int(f"{w} grids", st.get("grids", 0), 0),
     )
     study = replace(study, options=kind.parse(w, st, study))
     if not select_metric:  # unstated: the kind's choice (a sweep: its search spaces' metric), else val_loss

@@ -32,6 +32,7 @@ from ..config import TrainConfig
 from ..data.contract import open_dataset
 from ..data.prepare import (
     catalog_embeddings,
+    check_normalization,
     check_sizes,
     check_subjects,
     load_table_for,
@@ -47,7 +48,8 @@ from .spec import RunSpec, WorkerSpec
 
 # ``ensure_ray`` lives in brainalign._ray (the only module that calls ray.init); it is
 # re-exported here for existing callers.
-__all__ = ["RunSpec", "TrainResult", "ensure_ray", "put_split", "run_pack", "run_tags", "run_training"]
+__all__ = ["RunSpec", "TrainResult", "ensure_ray", "gallery_metric", "load_model", "put_split", "run_pack",
+           "run_tags", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +239,7 @@ def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
     needed = ds.image_ids("train") + (ds.image_ids("test") if spec.evaluate_test else [])
     emb = catalog_embeddings(ds, table, needed)  # raises on missing ids, before any compute
     check_encoder(cfg, ds.meta.n_chans, ds.meta.n_times, table.dim)
+    check_normalization(cfg.data.normalize, ds.meta.n_times)
     where = f"data.subjects {list(cfg.data.subjects)} of {cfg.data.path}"
     rows, n_val = planned_sizes(ds, cfg.data.subjects, train_trials=cfg.data.train_trials,
                                 val_fraction=cfg.data.val_fraction, val_split=cfg.data.val_split, seed=cfg.seed)
@@ -474,52 +477,92 @@ def _user_error(e: BaseException) -> BrainalignError | None:
     return None
 
 
-def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, emb: np.ndarray) -> Any:
-    """A ``Run`` with the checkpoint's weights (loaded with ``weights_only=True``)."""
-    run = build_run(cfg, n_chans=n_chans, n_times=n_times, image_emb=torch.from_numpy(emb))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def load_model(cfg: TrainConfig, checkpoint: Path, n_chans: int, n_times: int, emb: np.ndarray,
+               device: torch.device | str = "cpu") -> Any:
+    """A ``Run`` with the checkpoint's weights (loaded with ``weights_only=True``) on ``device``."""
+    run = build_run(cfg, n_chans=n_chans, n_times=n_times, image_emb=torch.from_numpy(emb), device=device)
+    state = torch.load(checkpoint, map_location=run.device, weights_only=True)
     run.model.load_state_dict(state)
     return run
 
 
+def gallery_metric(metric: str, n_way: int) -> str:
+    """MLflow name of a large-gallery metric: ``test_top1`` -> ``test_top1_16740way``.
+
+    MLflow metric names allow letters, digits, ``_ - . / :`` and spaces (no ``@``)."""
+    return f"{metric}_{n_way}way"
+
+
+def _test_device(cfg: TrainConfig) -> torch.device:
+    """Where the test ranks: the GPU when the run uses one and this process sees one."""
+    return torch.device("cuda") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
 def _test(cfg: TrainConfig, result: TrainResult, emb: np.ndarray, ds: Any, uri: str) -> dict[str, float]:
-    """N-way retrieval of repetition-averaged test trials against the test images."""
+    """N-way retrieval of repetition-averaged test trials against the test images and, with
+    ``test.gallery = "test+train"``, against the test and all training images (App. F).
+
+    Ranks run where the model is (a GPU when the run has one; on CPU ``retrieval_ranks`` scores
+    the gallery in chunks, so a 16,740- or 100,000-image gallery never needs a full score
+    matrix). Logs ``test_top{1,5}`` (test gallery), ``test_top{1,5}_<N>way`` for every gallery,
+    per-subject values, and one rankings CSV per gallery (``retrieval/test_rankings.csv`` for
+    the test gallery, ``retrieval/test_rankings_<N>way.csv`` for the others) whose ``top5`` and
+    ``top5_scores`` columns list the best five images and their cosine similarities.
+    """
+    from ..metrics import retrieval_topk
+
     run_id = result.run_id
+    device = _test_device(cfg)
     with result.checkpoint.as_directory() as d:  # read through Ray's Checkpoint API (local or remote)
-        run = load_model(cfg, Path(d) / result.checkpoint_file, ds.meta.n_chans, ds.meta.n_times, emb)
+        run = load_model(cfg, Path(d) / result.checkpoint_file, ds.meta.n_chans, ds.meta.n_times, emb,
+                         device=device)
     pos = ds.image_index()
+    catalog_ids = ds.image_ids()
+    train_rows = [pos[i] for i in ds.image_ids("train")]
     out: dict[str, float] = {}
-    rows = []
-    per_subject = []
+    tables: dict[str, list[tuple[Any, ...]]] = {g: [] for g in cfg.test.galleries}
+    per_gallery: dict[str, list[dict[int, float]]] = {g: [] for g in cfg.test.galleries}
+    n_ways: dict[str, int] = {}
     for subject in cfg.data.eval_subjects:
         ids, x = load_test(cfg, subject)
         sidx = cfg.data.subjects.index(subject) if subject in cfg.data.subjects else -1
         z = encode(run, torch.from_numpy(x), torch.full((len(ids),), sidx, dtype=torch.long))
-        gallery = run.image_emb[[pos[i] for i in ids]]
-        targets = torch.arange(len(ids))
-        ranks = retrieval_ranks(z, gallery, targets)
-        from ..metrics import similarity
-
-        # listed in the order the rank counts: the target after every item tying with it
-        scores = similarity(z, gallery)
-        own = scores.gather(1, targets.view(-1, 1))
-        scores.scatter_(1, targets.view(-1, 1), torch.nextafter(own, torch.full_like(own, -torch.inf)))
-        top5 = scores.topk(min(5, len(ids)), dim=1).indices
-        acc = {k: float((ranks <= k).float().mean()) for k in (1, 5)}
-        per_subject.append(acc)
-        out[f"test_top1_sub-{subject}"] = acc[1]
-        out[f"test_top5_sub-{subject}"] = acc[5]
-        for i, image_id in enumerate(ids):
-            rows.append((subject, image_id, int(ranks[i]), ";".join(ids[j] for j in top5[i].tolist())))
-    out["test_top1"] = float(np.mean([a[1] for a in per_subject]))
-    out["test_top5"] = float(np.mean([a[5] for a in per_subject]))
-    out["test_n_way"] = float(len(rows) / max(len(per_subject), 1))
+        test_rows = [pos[i] for i in ids]
+        targets = torch.arange(len(ids), device=z.device)
+        for gallery in cfg.test.galleries:
+            rows = test_rows if gallery == "test" else test_rows + train_rows
+            g = run.image_emb[torch.as_tensor(rows, device=run.image_emb.device)]
+            ranks = retrieval_ranks(z, g, targets).cpu()
+            top_i, top_s = retrieval_topk(z, g, targets, k=5)
+            top_i, top_s = top_i.cpu().tolist(), top_s.cpu().tolist()
+            acc = {k: float((ranks <= k).float().mean()) for k in (1, 5)}
+            per_gallery[gallery].append(acc)
+            n_ways[gallery] = len(rows)
+            for k in (1, 5):
+                out[gallery_metric(f"test_top{k}", len(rows)) + f"_sub-{subject}"] = acc[k]
+                if gallery == "test":
+                    out[f"test_top{k}_sub-{subject}"] = acc[k]
+            for i, image_id in enumerate(ids):
+                tables[gallery].append((
+                    subject, image_id, int(ranks[i]),
+                    ";".join(catalog_ids[rows[j]] for j in top_i[i]),
+                    ";".join(f"{v:.6f}" for v in top_s[i]),
+                ))
+    for gallery, accs in per_gallery.items():
+        for k in (1, 5):
+            value = float(np.mean([a[k] for a in accs]))
+            out[gallery_metric(f"test_top{k}", n_ways[gallery])] = value
+            if gallery == "test":
+                out[f"test_top{k}"] = value
+    out["test_n_way"] = float(len(tables["test"]) / max(len(per_gallery["test"]), 1))
     tracking.log_metrics(run_id, out, uri=uri)
-    buf = io.StringIO()
-    buf.write("subject,image_id,rank,top5\n")
-    for r in rows:
-        buf.write(",".join(map(str, r)) + "\n")
-    tracking.log_text(run_id, buf.getvalue(), "retrieval/test_rankings.csv", uri=uri)
+    for gallery, rows_ in tables.items():
+        buf = io.StringIO()
+        buf.write("subject,image_id,rank,top5,top5_scores\n")
+        for r in rows_:
+            buf.write(",".join(map(str, r)) + "\n")
+        name = "test_rankings.csv" if gallery == "test" else f"test_rankings_{n_ways[gallery]}way.csv"
+        tracking.log_text(run_id, buf.getvalue(), f"retrieval/{name}", uri=uri)
     return out
 
 
