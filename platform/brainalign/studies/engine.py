@@ -394,7 +394,9 @@ class _Execution:
 
                 aligned, base, _ = pair_from_study(st.name, experiment=st.experiment,
                                                    study_run_id=state.study_run_id, uri=self.uri)
-                galleries = TrainConfig.from_flat(dict(st.config) | dict(st.overrides)).test.galleries
+                # the grids are of the first encoder (arch.* options are checked against it)
+                galleries = TrainConfig.from_flat(
+                    dict(st.config) | dict(st.overrides) | {"encoder": st.encoders[0]}).test.galleries
                 image_grids(aligned, base, galleries=galleries, n=st.grids, out_dir=_report_folder(st) / "grids",
                             log_to=state.study_run_id, uri=self.uri)
                 log.info("grids: top-5 images of %d queries in %.1f s", st.grids, time.perf_counter() - t0)
