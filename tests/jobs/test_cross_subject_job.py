@@ -172,7 +172,7 @@ def test_cross_subject_job_on_real_cluster(cluster: dict[str, str], tiny_dataset
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     out = res.stdout
-    assert "mean ± s.e.m." in out and "two-sided paired t-test" in out, out[-4000:]
+    assert "mean ± s.e.m." in out and "paired t-test across subjects" in out and "sign-flip" in out, out[-4000:]
     uri = cluster["MLFLOW_TRACKING_URI"]
     parent, kids = _runs(uri, "xs-it")
     assert parent.info.status == "FINISHED"
