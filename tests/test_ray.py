@@ -107,7 +107,7 @@ def test_a_two_worker_training_run_listens_on_loopback_only(ray_session: object,
     import psutil
 
     from brainalign import TrainConfig
-    from brainalign.train.runner import run_training
+    from brainalign.train.runner import RunSpec, run_training
 
     seen: set[tuple[str, str]] = set()
     stop = threading.Event()
@@ -126,7 +126,7 @@ def test_a_two_worker_training_run_listens_on_loopback_only(ray_session: object,
     try:
         cfg = TrainConfig.from_flat({"data.path": str(tiny_dataset), "data.image_table": "sim-clip:simulated",
                                      "epochs": 1, "batch_size": 16, "num_workers": 2, "experiment": "bind"})
-        run_training(cfg, evaluate_test=False, save_checkpoint=False)
+        run_training(cfg, RunSpec(evaluate_test=False, save_checkpoint=False))
     finally:
         stop.set()
         t.join(timeout=10)

@@ -109,7 +109,7 @@ def test_a_diverging_run_ends_failed_and_never_scores(ray_session: object, tiny_
     ("kw", "match"),
     [
         ({"use_gpu": True}, r"use_gpu=true needs one GPU per worker \(1\), but the cluster has 0 GPU\(s\).*CPU-only"),
-        ({"num_workers": 40, "batch_size": 2}, r"40 worker\(s\) x 1 CPU = 40 CPUs, but the cluster has 4 CPUs"),
+        ({"num_workers": 40, "batch_size": 40}, r"40 worker\(s\) x 1 CPU = 40 CPUs, but the cluster has 4 CPUs"),
         ({"cpus_per_worker": 8.0}, r"8 CPUs, but the cluster has 4 CPUs"),
     ],
 )

@@ -67,9 +67,9 @@ def test_run_learns_and_lands_in_mlflow(ray_session: object, clear_dataset: Path
     assert any(k.startswith("repr_layer") for k in state)
     rankings = Path(client.download_artifacts(res.run_id, "retrieval/test_rankings.csv", str(tmp_path)))
     lines = rankings.read_text().splitlines()
-    assert lines[0] == "subject,image_id,rank,top5" and len(lines) == 1 + n_way
+    assert lines[0] == "subject,image_id,rank,top5,top5_scores" and len(lines) == 1 + n_way
     for row in lines[1:]:  # the listed top 5 agrees with the rank
-        _sub, image_id, rank, top5 = row.split(",")
+        _sub, image_id, rank, top5, _scores = row.split(",")
         assert (int(rank) <= 5) == (image_id in top5.split(";")), row
     mean_rank = sum(int(r.split(",")[2]) for r in lines[1:]) / n_way
     assert mean_rank < 0.8 * (n_way + 1) / 2  # chance mean rank is (n+1)/2
@@ -136,13 +136,13 @@ def test_same_seed_same_metrics_through_ray(
     from mlflow.tracking import MlflowClient
 
     from brainalign import paths
-    from brainalign.train.runner import run_training
+    from brainalign.train.runner import RunSpec, run_training
 
     # the streaming path (the small-data in-memory path is the other test's)
     monkeypatch.setenv("BRAINALIGN_INLINE_MB", "0")
     cfg = _cfg(tiny_dataset, epochs=2, seed=11)
-    a = run_training(cfg, evaluate_test=False, save_checkpoint=False)
-    b = run_training(cfg, evaluate_test=False, save_checkpoint=False)
+    a = run_training(cfg, RunSpec(evaluate_test=False, save_checkpoint=False))
+    b = run_training(cfg, RunSpec(evaluate_test=False, save_checkpoint=False))
     client = MlflowClient(paths.mlflow_tracking_uri())
 
     def curve(run_id: str, key: str) -> list[float]:
