@@ -85,7 +85,8 @@ def test_study_check_refuses_a_batch_choice_larger_than_the_smallest_train_set(
     path = _study(tmp_path, tiny_dataset, space=SPACE.replace("choice = [16, 32]", "choice = [16, 256]"))
     assert main(["study", "check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "batch_size 256 is larger than the training rows each worker gets (at most 108" in err, err
+    assert "batch_size 256 (the global batch: 256 rows per worker and step) is larger than the training rows " \
+        "(at most 108" in err, err
     assert "largest batch_size of the study and its search spaces is 256" in err
     path = _study(tmp_path, tiny_dataset)
     assert main(["study", "check", str(path)]) == 0

@@ -28,11 +28,13 @@ def test_a_batch_larger_than_the_training_rows_is_refused(tiny_dataset: Path, tm
     from brainalign.train.runner import run_training
 
     # the tiny preset: 120 training images, 12 for validation -> 108 averaged rows for one subject
-    with pytest.raises(BrainalignError, match=r"batch_size 200 is larger than the training rows each worker gets "
-                                              r"\(at most 108 rows / num_workers 1 = 108\).*batch_size <= 108"):
+    with pytest.raises(BrainalignError, match=r"batch_size 200 \(the global batch: 200 rows per worker and step\) is "
+                                              r"larger than the training rows \(at most 108, 108 per worker of 1\)"
+                                              r".*batch_size <= 108"):
         run_training(_cfg(tiny_dataset, batch_size=200))
-    with pytest.raises(BrainalignError, match=r"batch_size 64 .* \(at most 108 rows / num_workers 2 = 54\)"):
-        run_training(_cfg(tiny_dataset, batch_size=64, num_workers=2))
+    # the global batch of 128 is 64 rows per worker and step: more than a worker's 54 rows
+    with pytest.raises(BrainalignError, match=r"batch_size 128 .* \(at most 108, 54 per worker of 2\)"):
+        run_training(_cfg(tiny_dataset, batch_size=128, num_workers=2))
     assert _no_run_created(tmp_path) and not (tmp_path / "cache" / "prepared").exists()
 
 
@@ -109,7 +111,7 @@ def test_a_diverging_run_ends_failed_and_never_scores(ray_session: object, tiny_
     ("kw", "match"),
     [
         ({"use_gpu": True}, r"use_gpu=true needs one GPU per worker \(1\), but the cluster has 0 GPU\(s\).*CPU-only"),
-        ({"num_workers": 40, "batch_size": 40}, r"40 worker\(s\) x 1 CPU = 40 CPUs, but the cluster has 4 CPUs"),
+        ({"num_workers": 8, "batch_size": 16}, r"8 worker\(s\) x 1 CPU = 8 CPUs, but the cluster has 4 CPUs"),
         ({"cpus_per_worker": 8.0}, r"8 CPUs, but the cluster has 4 CPUs"),
     ],
 )

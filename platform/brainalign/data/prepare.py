@@ -261,8 +261,9 @@ def check_sizes(*, n_train_rows: int, n_val_images: int, batch_size: int, num_wo
     n_val_images : int
         Validation images (the retrieval gallery of validation).
     batch_size, num_workers : int
-        Every Train worker gets ``n_train_rows // num_workers`` rows and drops incomplete
-        batches (their composition is the InfoNCE negatives).
+        ``batch_size`` is the global batch: every Train worker gets ``n_train_rows //
+        num_workers`` rows, draws ``batch_size // num_workers`` of them per step and drops
+        incomplete batches (their composition is the InfoNCE negatives).
     val_fraction : float
         For the message.
     where : str
@@ -276,14 +277,15 @@ def check_sizes(*, n_train_rows: int, n_val_images: int, batch_size: int, num_wo
         ``batch_size`` exceeds the rows a worker gets, or fewer than
         :data:`MIN_VAL_IMAGES` validation images.
     """
-    per_worker = n_train_rows // max(1, num_workers)
-    if batch_size > per_worker:
+    workers = max(1, num_workers)
+    per_worker = n_train_rows // workers
+    if batch_size // workers > per_worker:  # each worker's share of the global batch
         at_most = "at most " if planned else ""
         raise BrainalignError(
-            f"{where}: batch_size {batch_size} is larger than the training rows each worker gets ({at_most}"
-            f"{n_train_rows} rows / num_workers {num_workers} = {per_worker}): every batch would be dropped "
-            f"and nothing trained. Use batch_size <= {per_worker}"
-            + (" or fewer workers" if num_workers > 1 else "") + ", or more training data."
+            f"{where}: batch_size {batch_size} (the global batch: {batch_size // workers} rows per worker and "
+            f"step) is larger than the training rows ({at_most}{n_train_rows}, {per_worker} per worker of "
+            f"{workers}): every batch would be dropped and nothing trained. Use batch_size <= "
+            f"{per_worker * workers}, or more training data."
         )
     if n_val_images < MIN_VAL_IMAGES:
         raise BrainalignError(
