@@ -69,6 +69,39 @@ def test_check_resources_names_what_is_missing() -> None:
                     nodes=[{"CPU": 4.0, "GPU": 1.0}] * 2)
 
 
+def test_check_resources_with_custom_resources() -> None:
+    from brainalign._ray import check_resources
+
+    nodes = [{"CPU": 1.0, "head": 1.0}, {"CPU": 2.0, "node_b": 2.0}]
+    cluster = {"CPU": 3.0, "head": 1.0, "node_b": 2.0}
+    check_resources(num_workers=2, cpus_per_worker=1.0, use_gpu=False, custom_per_worker={"node_b": 1.0},
+                    cluster=cluster, nodes=nodes)
+    with pytest.raises(BrainalignError, match=r"custom resource 'gpu_a100': 1 worker\(s\) x 1 = 1, but the cluster "
+                                              r"has 0 .*ray start --resources"):
+        check_resources(num_workers=1, cpus_per_worker=1.0, use_gpu=False, custom_per_worker={"gpu_a100": 1.0},
+                        cluster=cluster, nodes=nodes)
+    with pytest.raises(BrainalignError, match=r"no node has 1 CPUs and \{'head': 1.0, 'node_b': 1.0\} together"):
+        check_resources(num_workers=1, cpus_per_worker=1.0, use_gpu=False,
+                        custom_per_worker={"head": 1.0, "node_b": 1.0}, cluster=cluster, nodes=nodes)
+
+
+def test_joining_a_loopback_address_keeps_it() -> None:
+    """``ray.init(address="127.0.0.1:PORT")`` would swap 127.0.0.1 for the network address while
+    multi-node support is on; brainalign turns it off for the call only, and only for loopback."""
+    from ray._private import ray_constants, services
+
+    from brainalign._ray import _joining, _loopback_address
+
+    assert _loopback_address("127.0.0.1:6379") and _loopback_address("localhost:1") and _loopback_address("[::1]:1")
+    assert not _loopback_address("10.0.0.5:6379") and not _loopback_address("head.svc:6379")
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with _joining("127.0.0.1:6379"):
+        assert services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+    assert ray_constants.ENABLE_RAY_CLUSTER == before
+    with _joining("10.0.0.5:6379"):
+        assert ray_constants.ENABLE_RAY_CLUSTER == before
+
+
 def test_check_resources_only_warns_on_an_autoscaling_cluster(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

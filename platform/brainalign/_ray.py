@@ -20,6 +20,8 @@ start of a *local* instance both that variable and ``ray_constants.ENABLE_RAY_CL
 are set, so the GCS, the raylet, every worker, the dashboard and its agents listen on
 127.0.0.1 only (tests/test_ray_binding.py checks every listening socket with ``ss``).
 Multi-node use goes through ``RAY_ADDRESS`` and a cluster started for it (docs/cluster.md).
+Joining a ``RAY_ADDRESS`` on 127.0.0.1 (``make cluster-up``, tests/test_two_node.py) keeps
+that address instead of the network address, where such a head does not listen.
 """
 
 from __future__ import annotations
@@ -95,6 +97,36 @@ def _loopback_only() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _loopback_address(address: str) -> bool:
+    """Whether ``address`` (``host:port``) names this machine's loopback interface."""
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    return host in (LOCAL_HOST, "localhost", "::1")
+
+
+@contextlib.contextmanager
+def _joining(address: str) -> Iterator[None]:
+    """Join a cluster whose GCS listens on 127.0.0.1 (``make cluster-up``, the 2-node test) as
+    that address, not as the machine's network address.
+
+    ``ray.init(address="127.0.0.1:PORT")`` swaps a loopback host for the machine's network
+    address (``services.resolve_ip_for_localhost``) while multi-node support is on, then
+    waits minutes for a GCS that only listens on 127.0.0.1. Turning it off for the call keeps
+    the address and gives this driver the node IP 127.0.0.1 (it then attaches to a raylet on
+    127.0.0.1, the head first). Other addresses are joined unchanged.
+    """
+    if not _loopback_address(address):
+        yield
+        return
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray._private.services at call time
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attempts: int = 3) -> None:
     """Start or join Ray once per process; a no-op when Ray is already initialized.
 
@@ -137,7 +169,8 @@ def ensure_ray(num_cpus: int | None = None, *, address: str | None = None, attem
                     )
             else:
                 _probe(target)  # seconds, not Ray's minutes-long GCS timeout, for a wrong address
-                ray.init(address=target, configure_logging=False)
+                with _joining(target):
+                    ray.init(address=target, configure_logging=False)
             if attempt > 1:
                 log.info("Ray started on attempt %d", attempt)
             return
@@ -224,6 +257,7 @@ def check_resources(
     num_workers: int,
     cpus_per_worker: float,
     use_gpu: bool,
+    custom_per_worker: Mapping[str, float] | None = None,
     what: str = "this run",
     cluster: Mapping[str, float] | None = None,
     nodes: list[Mapping[str, float]] | None = None,
@@ -235,6 +269,9 @@ def check_resources(
     num_workers, cpus_per_worker, use_gpu
         The Train worker group: ``num_workers`` workers of ``cpus_per_worker`` CPUs (and one
         GPU each with ``use_gpu``).
+    custom_per_worker : mapping, optional
+        Ray custom resources each worker requests too (``ray start --resources``); one node
+        must hold a worker's CPUs and all of them.
     what : str
         For the message (``"train"``, ``"each trial"``).
     cluster, nodes : optional
@@ -244,8 +281,8 @@ def check_resources(
     Raises
     ------
     BrainalignError
-        The cluster has fewer CPUs or GPUs in all than requested, or no node can hold one
-        worker. With ``BRAINALIGN_AUTOSCALING=1`` (a cluster that adds nodes on demand) this
+        The cluster has fewer CPUs, GPUs or custom resources in all than requested, or no
+        node can hold one worker. With ``BRAINALIGN_AUTOSCALING=1`` (a cluster that adds nodes on demand) this
         is only a warning.
     """
     import ray
@@ -263,6 +300,19 @@ def check_resources(
     elif per_node and not any(float(n.get("CPU", 0.0)) + 1e-9 >= cpus_per_worker for n in per_node):
         biggest = max(float(n.get("CPU", 0.0)) for n in per_node)
         problems.append(f"one worker needs {cpus_per_worker:g} CPUs on one node, the largest node has {biggest:g}")
+    custom = dict(custom_per_worker or {})
+    for name, amount in custom.items():
+        have = float(total.get(name, 0.0))
+        if num_workers * amount > have + 1e-9:
+            problems.append(
+                f"custom resource {name!r}: {num_workers} worker(s) x {amount:g} = {num_workers * amount:g}, but the "
+                f"cluster has {have:g} (a node advertises it with `ray start --resources='{{\"{name}\": N}}'`)"
+            )
+    if custom and not problems and per_node and not any(
+        float(n.get("CPU", 0.0)) + 1e-9 >= cpus_per_worker
+        and all(float(n.get(k, 0.0)) + 1e-9 >= v for k, v in custom.items()) for n in per_node
+    ):
+        problems.append(f"no node has {cpus_per_worker:g} CPUs and {custom} together for one worker")
     if use_gpu and gpus < num_workers:
         problems.append(
             f"use_gpu=true needs one GPU per worker ({num_workers}), but the cluster has {gpus:g} GPU(s)"
@@ -272,8 +322,8 @@ def check_resources(
         return
     msg = (
         f"{what} cannot be scheduled: {'; '.join(problems)}. Ray would wait for these resources forever. "
-        "Lower num_workers / cpus_per_worker (or use_gpu=false), or run on a cluster that has them "
-        "(RAY_ADDRESS; a local Ray gets max(4, CPU count) logical CPUs)."
+        "Lower num_workers / cpus_per_worker (or use_gpu=false, or the custom resources), or run on a cluster "
+        "that has them (RAY_ADDRESS; a local Ray gets max(4, CPU count) logical CPUs)."
     )
     if os.environ.get("BRAINALIGN_AUTOSCALING", "0") == "1":
         log.warning("%s (BRAINALIGN_AUTOSCALING=1: waiting for the autoscaler)", msg)

@@ -84,6 +84,12 @@ def test_valid_study_parses(tmp_path: Path) -> None:
         (("final_seeds = 2", "final_seeds = 0"), r"final_seeds must be in \[1, inf\), got 0"),
         (("final_seeds = 2", "final_seeds = [1, 1]"), r"final_seeds has duplicates"),
         (("workers_per_trial = 1", "trial_cpus = 0"), r"trial_cpus must be > 0 \(Ray refuses a 0-CPU trial\)"),
+        (("workers_per_trial = 1", "custom_per_worker = 1"), r"custom_per_worker must be a table of Ray custom"),
+        (("workers_per_trial = 1", "custom_per_worker = { CPU = 1 }"), r"names 'CPU', which Ray manages itself"),
+        (("workers_per_trial = 1", "trial_custom = { gpu = 1 }"), r"trial_custom names 'gpu', which Ray manages"),
+        (("workers_per_trial = 1", "custom_per_worker = { node_b = 1.5 }"), r"node_b = 1.5: Ray takes fractions"),
+        (("workers_per_trial = 1", "trial_custom = { node_b = 0 }"), r"trial_custom.node_b must be in \(0"),
+        (("workers_per_trial = 1", "custom_per_wroker = { a = 1 }"), r"Did you mean 'custom_per_worker'"),
         (('name = "unit"', 'name = "a b"'), r"\[study\] name 'a b' is not allowed.*plain name"),
         (("[config]\nbatch_size = 16", "[config]\nwarmup_epochs = 6"), r"\[config\] \(with max_epochs = 4\) is invalid: warmup_epochs must be in \[0, 3\]"),
     ],
@@ -92,6 +98,28 @@ def test_study_errors(tmp_path: Path, edit: tuple[str, str], match: str) -> None
     assert edit[0] in STUDY
     with pytest.raises(BrainalignError, match=match):
         load_study(_write(tmp_path, STUDY.replace(*edit, 1)))
+
+
+def test_custom_resources_parse_and_leave_the_fingerprint_alone(tmp_path: Path) -> None:
+    """Placement (Ray custom resources) is read as given, reaches every run's RunSpec, and does
+    not change the fingerprint: moving a study to other nodes keeps its saved state."""
+    from brainalign.paths import Locations
+    from brainalign.studies import make_plan
+    from brainalign.studies.units import StudyContext
+
+    plain = load_study(_write(tmp_path))
+    pinned = load_study(_write(tmp_path, STUDY.replace(
+        "workers_per_trial = 1", 'workers_per_trial = 1\ncustom_per_worker = { node_b = 1 }\ntrial_custom = { "node_b" = 0.01 }')))
+    assert pinned.resources.custom_per_worker == {"node_b": 1.0} and pinned.resources.trial_custom == {"node_b": 0.01}
+    assert pinned.fingerprint() == plain.fingerprint()
+    ctx = StudyContext("run", Locations.current())
+    plan = make_plan(pinned, "http://127.0.0.1:5000")
+    search = plan.searches(ctx)[0]
+    finals = plan.runs(ctx, {a.name: {} for a in pinned.arms()})
+    assert search.trial_spec.custom_resources == {"node_b": 1.0}
+    assert {tuple(u.spec.custom_resources.items()) for u in finals} == {(("node_b", 1.0),)}
+    by_set = load_study(tmp_path / "study.toml", ["resources.custom_per_worker={gpu_a100 = 2}"])
+    assert by_set.resources.custom_per_worker == {"gpu_a100": 2.0}
 
 
 def test_missing_study_file_and_bad_toml(tmp_path: Path) -> None:

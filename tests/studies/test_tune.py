@@ -26,6 +26,19 @@ def test_concurrency_from_cluster_resources() -> None:
         max_concurrent_trials(Resources(use_gpu=True), {"CPU": 4.0})
 
 
+def test_custom_resources_bound_concurrency_and_pin_the_trial() -> None:
+    from brainalign.studies._tune import custom_per_trial, max_concurrent_trials, trial_resources
+
+    pinned = Resources(workers_per_trial=2, custom_per_worker={"node_b": 1.0}, trial_custom={"node_b": 0.01})
+    assert custom_per_trial(pinned) == {"node_b": 2.01}
+    assert max_concurrent_trials(pinned, {"CPU": 64.0, "node_b": 5.0}) == 2  # 5 // 2.01, not 63 // 2.01
+    assert max_concurrent_trials(Resources(custom_per_worker={"x": 1.0}), {"CPU": 64.0, "x": 1.0}) == 1
+    with pytest.raises(BrainalignError, match=r"one trial needs 2.01 of the custom resource 'node_b'.*Ray has 0"):
+        max_concurrent_trials(pinned, {"CPU": 64.0})
+    assert trial_resources(pinned) == {"cpu": 0.01, "custom_resources": {"node_b": 0.01}}
+    assert trial_resources(Resources()) == {"cpu": 0.01}
+
+
 @pytest.mark.parametrize("path", sorted(SPACES.glob("*.toml")), ids=lambda p: p.stem)
 def test_define_by_run_samples_inside_every_space(path: Path) -> None:
     """Optuna (real, seeded) samples each space through the define-by-run function Tune gets."""

@@ -43,15 +43,16 @@ from .searchspace import ParamSpec
 from .spec import Resources
 from .units import RunUnit, SearchUnit
 
-__all__ = ["SearchOutcome", "TrialSummary", "SEARCH_CONCURRENCY", "UnitsOutcome", "max_concurrent_trials", "pack_units", "run_search",
-           "run_units"]
+__all__ = ["SEARCH_CONCURRENCY", "SearchOutcome", "TrialSummary", "UnitsOutcome", "custom_per_trial",
+           "max_concurrent_trials", "pack_units", "run_search", "run_units", "trial_resources"]
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- resources
 def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) -> int:
-    """Trials that fit at once: ``(CPUs - 1) // cpus_per_trial``, and GPUs // workers with GPUs.
+    """Trials that fit at once: ``(CPUs - 1) // cpus_per_trial``, GPUs // workers with GPUs, and
+    each custom resource // what one trial holds of it.
 
     One whole CPU stays free because every Ray Data pipeline (the parquet listing task)
     needs one; with fewer free CPUs a trial's data loading waits forever.
@@ -71,7 +72,8 @@ def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) ->
     Raises
     ------
     BrainalignError
-        The cluster cannot fit even one trial (the study would hang).
+        The cluster cannot fit even one trial (the study would hang), e.g. no node advertises
+        a custom resource of ``[resources]``.
     """
     cpus = float(cluster.get("CPU", 0.0))
     per_trial = resources.cpus_per_trial
@@ -88,7 +90,33 @@ def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) ->
                 f"[resources] use_gpu needs {resources.workers_per_trial} GPU(s) per trial; Ray has {gpus:g}."
             )
         n = min(n, int(gpus // resources.workers_per_trial))
+    for name, need in custom_per_trial(resources).items():
+        have = float(cluster.get(name, 0.0))
+        if have + 1e-9 < need:
+            raise BrainalignError(
+                f"one trial needs {need:g} of the custom resource {name!r} ([resources] custom_per_worker x "
+                f"workers_per_trial + trial_custom); Ray has {have:g}. Start the nodes meant for it with "
+                f"`ray start --resources='{{\"{name}\": N}}'`, or change [resources]."
+            )
+        n = min(n, int(math.floor((have + 1e-9) / need)))
     return n
+
+
+def custom_per_trial(resources: Resources) -> dict[str, float]:
+    """Custom Ray resources one trial holds at once: its Train workers' and its own."""
+    out = {k: resources.workers_per_trial * v for k, v in resources.custom_per_worker.items()}
+    for k, v in resources.trial_custom.items():
+        out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def trial_resources(resources: Resources) -> dict[str, Any]:
+    """What the Tune trial process itself requests (``tune.with_resources``): ``trial_cpus``
+    and ``trial_custom`` (which pins it, with the run's driver-side work, to a node)."""
+    out: dict[str, Any] = {"cpu": resources.trial_cpus}
+    if resources.trial_custom:
+        out["custom_resources"] = dict(resources.trial_custom)
+    return out
 
 
 #: Trials of one search run one at a time, so that a search's result does not depend on timing.
@@ -389,7 +417,7 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
 
     space = unit.space
     path = folder / unit.key
-    trainable = tune.with_resources(tune.with_parameters(_search_trial, unit=unit), {"cpu": resources.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(_search_trial, unit=unit), trial_resources(resources))
     if _restorable(path):
         log.info("resuming search %s from %s", unit.key, path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
@@ -483,7 +511,7 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     path = folder / name
     packs = pack_units(units)
     trainable = tune.with_resources(tune.with_parameters(_pack_trial, packs=packs, state_path=str(state_path)),
-                                    {"cpu": resources.trial_cpus})
+                                    trial_resources(resources))
     if _restorable(path):
         log.info("resuming %s from %s", name, path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)

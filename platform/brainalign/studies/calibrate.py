@@ -549,6 +549,8 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
 
     cpus = float(st.resources.cpus_per_worker)
     task = ray.remote(num_cpus=cpus, max_retries=1)(run_draw)
+    if st.resources.custom_per_worker:  # pinned to the nodes that advertise them
+        task = task.options(resources=dict(st.resources.custom_per_worker))
     tags = {"role": "report", "study": st.name, "study_kind": st.kind, "git_commit": tracking.code_version()}
     run_id = tracking.start_run(st.experiment, run_name=f"study-{st.name}", tags=tags,
                                 params={"study.kind": st.kind, "study.file": st.path,

@@ -220,7 +220,8 @@ class CrossSubjectPlan:
                         key=key, arm=arm, subject=held_out, seed=seed,
                         config=TrainConfig.from_flat(self._flat(arm, held_out, seed)).resolved(),
                         spec=RunSpec(role="final", parent_run_id=ctx.study_run_id, tags=tags, storage_name="fold",
-                                     locations=ctx.locations),
+                                     locations=ctx.locations,
+                                     custom_resources=st.resources.custom_per_worker),
                     ))
         return out
 

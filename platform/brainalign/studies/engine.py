@@ -550,13 +550,14 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
     check_tracking_for_cluster(uri)  # trials on other nodes cannot write a SQLite file of this one
     import ray
 
-    from ._tune import max_concurrent_trials
+    from ._tune import custom_per_trial, max_concurrent_trials
 
     cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
     max_concurrent = max_concurrent_trials(study.resources, cluster)
-    log.info("Ray has %s CPUs%s: %d run(s) at a time (%g CPU each, 1 CPU kept free for Ray Data)",
+    custom = custom_per_trial(study.resources)
+    log.info("Ray has %s CPUs%s: %d run(s) at a time (%g CPU each%s, 1 CPU kept free for Ray Data)",
              cluster.get("CPU"), f", {cluster.get('GPU')} GPUs" if cluster.get("GPU") else "", max_concurrent,
-             study.resources.cpus_per_trial)
+             study.resources.cpus_per_trial, f" and custom resources {custom}" if custom else "")
     if state is None:
         state = StudyState.new(folder, study)
         state.study_run_id = _start_study_run(study, plan, uri)

@@ -76,6 +76,11 @@ _TABLES = ("study", "resources", "config")
 _COMMON_KEYS = ("kind", "name", "experiment", "description", "dataset", "simulate", "subjects", "encoders",
                 "pairs", "max_epochs", "final_seeds", "correction", "select_metric", "explain", "grids")
 _RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
+#: ``[resources]`` keys that place runs on nodes (Ray custom resources); not in the fingerprint:
+#: where a run is placed does not change what it computes.
+_PLACEMENT_KEYS = ("custom_per_worker", "trial_custom")
+#: Resource names Ray manages itself (set through cpus_per_worker, trial_cpus and use_gpu).
+_RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 _SIMULATE_KEYS = ("preset", "seed", "null", "overrides")
 _ENCODER_KEYS = ("name", "searchspace")
 _PAIR_KEYS = ("backbone", "aligned", "base")
@@ -200,12 +205,20 @@ class PairSpec:
 class Resources:
     """Ray resources of one run: ``workers_per_trial`` Train workers of ``cpus_per_worker``
     CPUs (and one GPU each with ``use_gpu``), plus ``trial_cpus`` for the Tune trial that
-    drives them (it only waits on its workers; ``0`` is refused by Ray)."""
+    drives them (it only waits on its workers; ``0`` is refused by Ray).
+
+    ``custom_per_worker`` and ``trial_custom`` are Ray custom resources (``ray start
+    --resources='{"gpu_a100": 4}'``) that each Train worker and the trial process request on
+    top: they pin runs to the nodes that advertise them (docs/cluster.md, "Storage on more
+    than one node").
+    """
 
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     trial_cpus: float = 0.01
+    custom_per_worker: Mapping[str, float] = field(default_factory=dict)
+    trial_custom: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def cpus_per_trial(self) -> float:
@@ -440,6 +453,7 @@ class Study:
             "simulate": self.simulate.to_json() if self.simulate else None, "subjects": list(self.subjects),
             "encoders": list(self.encoders), "pairs": [[p.backbone, p.aligned, p.base] for p in self.pairs],
             "max_epochs": self.max_epochs, "final_seeds": list(self.final_seeds),
+            # placement (custom_per_worker, trial_custom) is left out: it does not change results
             "resources": {k: getattr(self.resources, k) for k in _RESOURCE_KEYS},
             "config": plain(self.config), "overrides": plain(self.overrides),
             "options": self.options.to_json() if self.options is not None else None,
@@ -567,11 +581,34 @@ def _select_metric(w: str, st: Mapping[str, Any], config: Mapping[str, Any], ove
     return set_v or study_v or config_v or ""
 
 
+def _parse_custom(w: str, key: str, value: Any) -> dict[str, float]:
+    """``[resources] <key>``: a table of Ray custom resources ``{ name = amount }`` as Ray
+    accepts them (amounts > 0, whole numbers above 1, none of the resources Ray manages itself)."""
+    name = f"{w} {key}"
+    if not isinstance(value, Mapping):
+        raise BrainalignError(
+            f"{name} must be a table of Ray custom resources like {key} = {{ node_b = 1 }}, got {value!r}.")
+    out: dict[str, float] = {}
+    for res, amount in value.items():
+        if not str(res).strip():
+            raise BrainalignError(f"{name} has an empty resource name; use the name given to `ray start --resources`.")
+        if str(res).lower() in {r.lower() for r in _RAY_OWN_RESOURCES}:
+            raise BrainalignError(
+                f"{name} names {res!r}, which Ray manages itself: set CPUs with cpus_per_worker / trial_cpus and "
+                "GPUs with use_gpu; custom resources are the names a node advertises with `ray start --resources`.")
+        amount = as_number(f"{name}.{res}", amount)
+        if amount > 1 and not amount.is_integer():
+            raise BrainalignError(f"{name}.{res} = {amount:g}: Ray takes fractions of a resource only up to 1; "
+                                  "use a whole number above 1.")
+        out[str(res)] = amount
+    return out
+
+
 def _parse_resources(where: str, doc: Any) -> Resources:
     w = f"{where}: [resources]"
     if not isinstance(doc, Mapping):
         raise BrainalignError(f"{w} must be a table.")
-    check_keys(w, doc, _RESOURCE_KEYS)
+    check_keys(w, doc, _RESOURCE_KEYS + _PLACEMENT_KEYS)
     trial_cpus = as_number(f"{w} trial_cpus", doc.get("trial_cpus", 0.01), positive=False)
     if trial_cpus <= 0:
         raise BrainalignError(f"{w} trial_cpus must be > 0 (Ray refuses a 0-CPU trial); use e.g. 0.01.")
@@ -580,6 +617,8 @@ def _parse_resources(where: str, doc: Any) -> Resources:
         cpus_per_worker=as_number(f"{w} cpus_per_worker", doc.get("cpus_per_worker", 1.0)),
         use_gpu=as_bool(f"{w} use_gpu", doc.get("use_gpu", False)),
         trial_cpus=trial_cpus,
+        custom_per_worker=_parse_custom(w, "custom_per_worker", doc.get("custom_per_worker", {})),
+        trial_custom=_parse_custom(w, "trial_custom", doc.get("trial_custom", {})),
     )
 
 

@@ -143,7 +143,8 @@ class SweepPlan:
             out.append(SearchUnit(
                 key=arm.name, arm=arm, space=space, trial=TrainConfig.from_flat(flat).resolved(),
                 trial_spec=RunSpec(role="trial", tags=tags, storage_name="trial", evaluate_test=False,
-                                   save_checkpoint=False, locations=ctx.locations),
+                                   save_checkpoint=False, locations=ctx.locations,
+                                   custom_resources=st.resources.custom_per_worker),
                 trials=o.trials, max_epochs=st.max_epochs, grace_period=o.grace_period,
                 reduction_factor=o.reduction_factor, seed=o.seed,
                 tags=tags | {"brain_encoder": arm.encoder, "backbone": arm.backbone, "alignment": arm.alignment,
@@ -179,7 +180,8 @@ class SweepPlan:
                         key=key, arm=arm, subject=subject, seed=seed,
                         config=TrainConfig.from_flat(flat, strict_types=False).resolved(),
                         spec=RunSpec(role="final", parent_run_id=ctx.study_run_id, tags=tags, storage_name="final",
-                                     locations=ctx.locations),
+                                     locations=ctx.locations,
+                                     custom_resources=st.resources.custom_per_worker),
                     ))
         return out
 

@@ -258,9 +258,12 @@ def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.data.val_fraction,
                 where=where)
     ensure_ray()
+    custom = dict(spec.custom_resources)
     check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+                    custom_per_worker=custom,
                     what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
-                         f"use_gpu={str(cfg.use_gpu).lower()})")
+                         f"use_gpu={str(cfg.use_gpu).lower()}" + (f", custom resources {custom}" if custom else "")
+                         + ")")
     check_tracking_for_cluster(uri)  # workers on other nodes cannot write a SQLite file of this one
     return _Planned(cfg=cfg, spec=spec, ds=ds, table=table, table_path=table_path, emb=emb, prepared=prepared)
 
@@ -271,14 +274,14 @@ def _check_packable(runs: Sequence[tuple[TrainConfig, RunSpec]]) -> None:
 
     def shape(run: tuple[TrainConfig, RunSpec]) -> tuple[Any, ...]:
         c, spec = run
-        return (c.num_workers, c.cpus_per_worker, c.use_gpu, spec.locations)
+        return (c.num_workers, c.cpus_per_worker, c.use_gpu, spec.locations, dict(spec.custom_resources))
 
     for run in runs[1:]:
         if shape(run) != shape(first):
             raise BrainalignError(
                 f"runs {first[0].run_name or first[0].seed!r} and {run[0].run_name or run[0].seed!r} cannot share a "
                 "worker group: they ask for different workers, resources or stores (num_workers, cpus_per_worker, "
-                "use_gpu, locations). Pack only runs that differ in what the worker trains (seed, "
+                "use_gpu, custom resources, locations). Pack only runs that differ in what the worker trains (seed, "
                 "hyperparameters, subjects)."
             )
 
@@ -395,7 +398,9 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {}),
+            # custom resources (a study's [resources] custom_per_worker) pin workers to nodes
+            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+            | dict(spec.custom_resources),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train")]),

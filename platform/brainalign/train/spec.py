@@ -44,6 +44,9 @@ class RunSpec:
         Keep the best-on-validation weights as a checkpoint artifact.
     locations : Locations
         The stores (cache, Ray storage, MLflow URI), resolved by the driver.
+    custom_resources : mapping
+        Ray custom resources each Train worker requests on top of its CPUs/GPU (a study's
+        ``[resources] custom_per_worker``): they pin the workers to the nodes that have them.
     """
 
     role: str = "train"
@@ -53,6 +56,7 @@ class RunSpec:
     evaluate_test: bool = True
     save_checkpoint: bool = True
     locations: Locations = field(default_factory=Locations.current)
+    custom_resources: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_option("run role", self.role, ROLES)
