@@ -240,8 +240,8 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy whose data paths are absolute (what the driver hands to workers)."""
-        emb = str(resolve(self.data.embeddings_dir)) if self.data.embeddings_dir else ""
-        data = replace(self.data, path=str(resolve(self.data.path)), embeddings_dir=emb)
+        emb = str(resolve(self.data.embeddings_dir, "data.embeddings_dir")) if self.data.embeddings_dir else ""
+        data = replace(self.data, path=str(resolve(self.data.path, "data.path")), embeddings_dir=emb)
         return replace(self, data=data)
 
     def config_hash(self) -> str:

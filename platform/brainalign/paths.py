@@ -7,8 +7,11 @@ the package asks this module and never builds a store path itself.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._checks import BrainalignError
 
 __all__ = [
     "KNOWN_ENV",
@@ -35,18 +38,36 @@ def home() -> Path:
     return Path(os.environ.get("BRAINALIGN_HOME") or os.getcwd()).resolve()
 
 
-def resolve(path: str | os.PathLike[str]) -> Path:
-    """An absolute path: relative paths are taken against :func:`home`."""
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def resolve(path: str | os.PathLike[str], what: str = "") -> Path:
+    """An absolute path: relative paths are taken against :func:`home`.
+
+    Raises
+    ------
+    BrainalignError
+        ``path`` is a URI (``s3://...``): stores and datasets are filesystem paths (a shared
+        filesystem on a cluster). ``Path`` would otherwise turn ``s3://b/x`` into a local
+        folder ``s3:/b/x`` under ``$BRAINALIGN_HOME``, silently.
+    """
+    if _URI.match(os.fspath(path)):
+        raise BrainalignError(
+            f"{what or 'a path'} is the URI {os.fspath(path)!r}; brainalign reads datasets and writes its stores "
+            "(cache, Ray storage) through filesystem paths only, object storage (s3://, gs://) is not supported "
+            "yet. On a cluster, use a shared filesystem mounted at the same path on every node (docs/cluster.md, "
+            "\"Storage on more than one node\")."
+        )
     p = Path(path).expanduser()
     return p if p.is_absolute() else (home() / p).resolve()
 
 
 def cache_dir() -> Path:
-    return resolve(os.environ.get("BRAINALIGN_CACHE") or home() / "cache")
+    return resolve(os.environ.get("BRAINALIGN_CACHE") or home() / "cache", "BRAINALIGN_CACHE")
 
 
 def ray_storage() -> Path:
-    return resolve(os.environ.get("BRAINALIGN_RAY_STORAGE") or home() / "ray_results")
+    return resolve(os.environ.get("BRAINALIGN_RAY_STORAGE") or home() / "ray_results", "BRAINALIGN_RAY_STORAGE")
 
 
 def mlflow_tracking_uri() -> str:
@@ -66,7 +87,7 @@ def weights_dir() -> Path | None:
     """``BRAINALIGN_WEIGHTS`` as an absolute path, or None when unset (no default: weights are
     never downloaded, the user names where they are)."""
     value = os.environ.get("BRAINALIGN_WEIGHTS")
-    return resolve(value) if value else None
+    return resolve(value, "BRAINALIGN_WEIGHTS") if value else None
 
 
 @dataclass(frozen=True)

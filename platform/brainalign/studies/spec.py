@@ -396,7 +396,7 @@ class Study:
     @property
     def dataset_path(self) -> Path:
         """Absolute dataset root."""
-        return resolve(self.dataset)
+        return resolve(self.dataset, "[study] dataset")
 
     def arms(self) -> list[Arm]:
         """Encoder x pair x {aligned, base}, in a stable order."""
