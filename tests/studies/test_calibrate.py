@@ -34,7 +34,7 @@ torch_threads = 1
 """
 
 
-def _write(tmp_path: Path, draws: int = 2, extra: str = "") -> Path:
+def _write(tmp_path: Path, draws: int | str = 2, extra: str = "") -> Path:
     p = tmp_path / "calib.toml"
     p.write_text(STUDY.format(draws=draws, extra=extra))
     return p
@@ -80,6 +80,12 @@ def test_calibrate_study_file_is_checked(tmp_path: Path) -> None:
         load_study(_write(tmp_path, extra='effects = ["nul"]'))
     with pytest.raises(BrainalignError, match="tables"):
         load_study(_write(tmp_path, extra='tables = "per_subjct"'))
+    per = load_study(_write(tmp_path, draws="{ null = 3, planted = 1 }"))
+    assert dict(per.options.draws) == {"null": 3, "planted": 1}
+    assert [(d.effect, d.index) for d in make_plan(per, "unused").draw_specs()] == [
+        ("null", 0), ("planted", 0), ("null", 1), ("null", 2)]
+    with pytest.raises(BrainalignError, match="not in effects"):
+        load_study(_write(tmp_path, draws="{ nul = 3 }"))
     no_sim = STUDY.format(draws=1, extra="").replace("simulate = {", "# simulate = {")
     (tmp_path / "n.toml").write_text(no_sim)
     with pytest.raises(BrainalignError, match="simulator"):
@@ -116,6 +122,22 @@ def test_smoke_calibration_runs_draws_over_ray_and_resumes(ray_session: object, 
     again = run_study(study, live=False)  # resumes: every draw is recorded, none runs again
     assert len(again.report.draws) == 4 and len(draws_file(study).read_text().splitlines()) == 4
     assert render_report(study).markdown == again.report.markdown
+    more = load_study(_write(tmp_path, draws="{ null = 3, planted = 2 }"))  # extend: only the new draw runs
+    ext = run_study(more, live=False)
+    assert len(ext.report.draws) == 5 and len(draws_file(more).read_text().splitlines()) == 5
+    assert sorted((d["effect"], d["index"]) for d in ext.report.draws) == [
+        ("null", 0), ("null", 1), ("null", 2), ("planted", 0), ("planted", 1)]
+
+
+def test_more_draws_keep_the_recorded_ones_and_a_new_recipe_does_not(tmp_path: Path) -> None:
+    from brainalign.studies.calibrate import draw_fingerprint
+
+    base = draw_fingerprint(load_study(_write(tmp_path, draws=2)))
+    assert draw_fingerprint(load_study(_write(tmp_path, draws="{ null = 200, planted = 50 }"))) == base
+    assert draw_fingerprint(load_study(_write(tmp_path, extra='effects = ["null"]'))) == base
+    assert draw_fingerprint(load_study(_write(tmp_path, extra='tables = "shared"'))) != base
+    assert draw_fingerprint(load_study(_write(tmp_path), ["lr=1e-2"])) != base
+    assert draw_fingerprint(load_study(_write(tmp_path), ["study.max_epochs=2"])) != base
 
 
 def test_cli_calibrate_check_and_combine_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,7 +146,7 @@ def test_cli_calibrate_check_and_combine_refusals(tmp_path: Path, capsys: pytest
     path = _write(tmp_path)
     assert main(["study", "check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "(calibrate): 2 draw(s) x ['null', 'planted']" in out and "2 subjects x 2 arms" in out
+    assert "(calibrate): draws 2 null, 2 planted" in out and "2 subjects x 2 arms" in out
     with pytest.raises(SystemExit):  # argparse exits after printing the help
         main(["calibrate", "--help"])
     capsys.readouterr()

@@ -92,7 +92,7 @@ _SEED_STRIDE = 1_000_003  # planted draws use seeds far from the null draws'
 class CalibrationOptions:
     """The calibration's own ``[study]`` settings (see the module docstring)."""
 
-    draws: int
+    draws: Mapping[str, int]
     effects: tuple[str, ...] = EFFECTS
     tables: str = "per_subject"
     first_seed: int = 1
@@ -100,7 +100,7 @@ class CalibrationOptions:
     bins: int = 20
 
     def to_json(self) -> dict[str, Any]:
-        return {"draws": self.draws, "effects": list(self.effects), "tables": self.tables,
+        return {"draws": dict(self.draws), "effects": list(self.effects), "tables": self.tables,
                 "first_seed": self.first_seed, "correction": self.correction, "bins": self.bins}
 
 
@@ -118,8 +118,18 @@ def _parse(w: str, st: Mapping[str, Any], study: Study) -> CalibrationOptions:
                     for e in raw_effects)
     if len(set(effects)) != len(effects):
         raise BrainalignError(f"{w} effects has duplicates: {list(effects)}.")
+    raw_draws = st.get("draws", 200)
+    if isinstance(raw_draws, Mapping):
+        unknown = sorted(set(raw_draws) - set(effects))
+        if unknown:
+            raise BrainalignError(f"{w} draws names {unknown}, which are not in effects {list(effects)}; "
+                                  f"use e.g. draws = {{ null = 200, planted = 100 }}.")
+        draws = {e: as_int(f"{w} draws.{e}", raw_draws.get(e, 200), 1) for e in effects}
+    else:
+        n = as_int(f"{w} draws", raw_draws, 1)
+        draws = {e: n for e in effects}
     opts = CalibrationOptions(
-        draws=as_int(f"{w} draws", st.get("draws", 200), 1),
+        draws=draws,
         effects=effects,
         tables=check_option(f"{w} tables", as_str(f"{w} tables", st.get("tables", "per_subject")), TABLES),
         first_seed=as_int(f"{w} first_seed", st.get("first_seed", 1), 0),
@@ -474,8 +484,10 @@ class CalibrationPlan:
         shared = {k: v for k, v in flat.items() if k not in ("data.path", "data.subjects", "data.test_subjects",
                                                              "data.image_table", "seed", "encoder")}
         out = []
-        for k in range(o.draws):  # effects interleaved: a calibration stopped early covers each evenly
+        for k in range(max(o.draws.values())):  # effects interleaved: a stopped calibration covers each evenly
             for effect in o.effects:
+                if k >= o.draws[effect]:
+                    continue
                 seed = o.first_seed + k + EFFECTS.index(effect) * _SEED_STRIDE
                 out.append(DrawSpec(
                     effect=effect, index=k, data_seed=seed, folder=str(st.dataset_path / f"{effect}-{k:05d}"),
@@ -488,15 +500,15 @@ class CalibrationPlan:
     def describe(self) -> list[str]:
         st, o = self.study, self.options
         per_draw = len(st.subjects) * 2 * len(st.final_seeds)
-        return [f"study {st.name} (calibrate): {o.draws} draw(s) x {list(o.effects)} of simulator preset "
+        return [f"study {st.name} (calibrate): draws {_counts(o)} of simulator preset "
                 f"{st.simulate.preset if st.simulate else '?'} ({o.tables} tables), each {len(st.subjects)} subjects "
                 f"x 2 arms x {len(st.final_seeds)} seed(s) = {per_draw} trainings of {st.max_epochs} epochs; "
-                f"{per_draw * o.draws * len(o.effects)} in all"]
+                f"{per_draw * sum(o.draws.values())} in all"]
 
     def protocol(self) -> str:
         st, o = self.study, self.options
         sim = st.simulate
-        return (f"Calibration of the study report's tests: {o.draws} independent draws per effect of the simulator "
+        return (f"Calibration of the study report's tests: independent draws ({_counts(o)}) of the simulator "
                 f"(preset {sim.preset if sim else '?'}, overrides {dict(sim.overrides) if sim else {}}; "
                 f"{o.tables.replace('_', '-')} table realizations), each training {st.encoders[0]} on "
                 f"{len(st.subjects)} subjects x {{{st.pairs[0].aligned_table}, {st.pairs[0].base_table}}} x seeds "
@@ -571,7 +583,7 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(specs), desc="calibration draws", disable=not live)
+            bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="calibration draws", disable=not live)
         except ImportError:  # pragma: no cover
             bar = None
         try:
@@ -581,7 +593,7 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
                 res = ray.get(done[0])
                 draws.append(res)
                 with record.open("a") as f:  # one line per draw: a stopped calibration resumes here
-                    f.write(json.dumps(_jsonable(res | {"fingerprint": st.fingerprint()})) + "\n")
+                    f.write(json.dumps(_jsonable(res | {"fingerprint": draw_fingerprint(st)})) + "\n")
                 if bar is not None:
                     bar.update(1)
                 log.debug("draw %s-%d done", spec.effect, spec.index)
@@ -602,6 +614,28 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
                            seconds=time.perf_counter() - t0, study=st.name, kind=st.kind)
 
 
+def _counts(o: CalibrationOptions) -> str:
+    return ", ".join(f"{o.draws[e]} {e}" for e in o.effects)
+
+
+def draw_fingerprint(study: Study) -> str:
+    """Hash of what a draw's result depends on: the study minus how many draws are planned.
+
+    A recorded draw stays valid when ``draws``, ``effects``, ``bins``, the resources or the
+    experiment change (draw ``k`` of an effect always uses the same seeds), so a calibration can
+    be extended from 100 to 200 draws by editing ``draws`` and running the same command again.
+    Anything that changes a draw (recipe, subjects, simulator, tables, seeds, correction)
+    changes the hash, and draws recorded under another hash are ignored.
+    """
+    import hashlib
+
+    doc = study.to_json()
+    for key in ("resources", "experiment", "name"):
+        doc.pop(key, None)
+    doc["options"] = {k: v for k, v in (doc.get("options") or {}).items() if k not in ("draws", "effects", "bins")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def draws_file(study: Study) -> Path:
     """``<study folder>/draws.jsonl``: one line per finished draw (the folder is created by a run)."""
     from .engine import study_folder
@@ -610,17 +644,19 @@ def draws_file(study: Study) -> Path:
 
 
 def load_draws(study: Study) -> list[dict[str, Any]]:
-    """The finished draws of this study (same fingerprint), one per (effect, index)."""
+    """The finished draws of this study (same :func:`draw_fingerprint`) that it plans, one per (effect, index)."""
     path = draws_file(study)
     out: dict[tuple[str, int], dict[str, Any]] = {}
+    opts = study.options
     if path.is_file():
-        fp = study.fingerprint()
+        fp = draw_fingerprint(study)
         for line in path.read_text().splitlines():
             try:
                 d = json.loads(line)
             except ValueError:  # a line cut short by a kill
                 continue
-            if d.get("fingerprint") == fp:
+            if (d.get("fingerprint") == fp and d.get("effect") in opts.effects
+                    and int(d["index"]) < opts.draws[d["effect"]]):
                 out[(d["effect"], int(d["index"]))] = _nan(d)
     return list(out.values())
 
@@ -642,7 +678,7 @@ def write_calibration(plan: CalibrationPlan, draws: Sequence[Mapping[str, Any]])
     rates = summarize_draws(draws, bins=plan.options.bins)
     n = {e: sum(d["effect"] == e for d in draws) for e in plan.options.effects}
     done = ", ".join(f"{v} {e}" for e, v in n.items())
-    title = f"Calibration {st.name}: {done} draws (planned {plan.options.draws} per effect)"
+    title = f"Calibration {st.name}: {done} draws (planned {_counts(plan.options)})"
     md = render(rates, draws, title=title, protocol=plan.protocol())
     out_dir = paths.home() / "reports" / st.name
     claim_dir(out_dir, "report")

@@ -661,7 +661,7 @@ def study_status(study: Study) -> list[str]:
         draws = load_draws(study)
         done = {e: sum(d["effect"] == e for d in draws) for e in study.options.effects}
         return [f"study {study.name} ({study.kind})",
-                "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws}" for e, n in done.items()),
+                "  draws done: " + ", ".join(f"{e} {n}/{study.options.draws[e]}" for e, n in done.items()),
                 f"  recorded in: {draws_file(study)}"]
     run_id = study_run_of(study, uri)
     state = study_folder(study) / STATE_FILE
