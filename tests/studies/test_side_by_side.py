@@ -188,3 +188,32 @@ def test_engine_stop_ends_only_the_loop_of_a_thread_whose_event_is_set() -> None
         assert issubclass(_tune._Stopped, Exception)
     finally:
         _tune._THREAD.stop = None
+
+
+def test_experiments_set_up_one_at_a_time_and_run_side_by_side() -> None:
+    """Tune's trainable registry is not thread-safe (two searches registering at once fail with
+    "dictionary changed size during iteration"): a search holds the set-up turn from building
+    its Tuner until its loop's first step, then the next one may set up."""
+    from brainalign.studies import _tune
+
+    first_in, second_in, done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _tune._setup_turn():
+            first_in.set()
+            assert not second_in.wait(0.2)  # the turn is held while the first sets up
+            _tune.EngineStop().on_step_begin(iteration=0, trials=[])  # its loop begins
+            assert second_in.wait(WAIT)  # the second set up while the first still runs
+        done.set()
+
+    def second() -> None:
+        assert first_in.wait(WAIT)
+        with _tune._setup_turn():
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(WAIT)
+    assert done.is_set() and second_in.is_set() and not _tune._SETUP.locked()

@@ -336,8 +336,32 @@ def _output_to(path: Path) -> contextlib.AbstractContextManager[None]:
     return _OUTPUT.to(path)
 
 
-#: The stop event of the engine thread that runs a Tune loop (:func:`_tuner_fit`).
+#: Per thread: the stop event of the engine thread that runs a Tune loop (:func:`_tuner_fit`),
+#: and whether it holds :data:`_SETUP`.
 _THREAD = threading.local()
+#: One Tune experiment at a time is built and started: Tune's trainable registry (one dict per
+#: process, ``ray.tune.registry._Registry``) is not thread-safe, and two searches registering
+#: their trainables at once fail with "dictionary changed size during iteration". A search
+#: holds it from building its ``Tuner`` to the first step of its loop (:class:`EngineStop`),
+#: by when Tune has registered everything; the loops themselves then run side by side.
+_SETUP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _setup_turn() -> Iterator[None]:
+    """Hold :data:`_SETUP` in this thread until :func:`_end_setup_turn` or the block ends."""
+    _SETUP.acquire()
+    _THREAD.setup = True
+    try:
+        yield
+    finally:
+        _end_setup_turn()
+
+
+def _end_setup_turn() -> None:
+    if getattr(_THREAD, "setup", False):
+        _THREAD.setup = False
+        _SETUP.release()
 
 
 class _Stopped(Exception):
@@ -349,13 +373,15 @@ class EngineStop(Callback):  # type: ignore[misc]
     """Tune callback: end the Tune loop of an engine thread once its ``stop`` event is set.
 
     Stateless (it is pickled with the experiment and restored with it): the event is the
-    calling thread's, set by :func:`_tuner_fit`. Tune checks it at every step of its loop
+    calling thread's, set by :func:`_tuner_fit`. At the loop's first step it also lets the
+    next experiment set up (:data:`_SETUP`). Tune checks the event at every step of its loop
     (about every 0.1 s), stops the trial actors and raises; the experiment keeps the state it
     last saved (Tune saves it every few seconds) and resumes from there, like after a killed
     driver. A thread without an event (the main thread, Tune's own Ctrl-C) is never stopped.
     """
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        _end_setup_turn()  # the experiment is set up: the next one may start (_SETUP)
         stop = getattr(_THREAD, "stop", None)
         if stop is not None and stop.is_set():
             raise _Stopped("the engine stopped this Tune experiment")
@@ -485,6 +511,38 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
         No trial finished with a finite value; or the search was started by an older
         brainalign whose trainable Tune cannot restore under today's name.
     """
+    path = folder / unit.key
+    with _setup_turn():  # released at the first step of the Tune loop: searches side by side set up in turn
+        try:
+            results, interrupted = _tuner_fit(_search_tuner(unit, folder, resources, max_concurrent), log_file,
+                                              what=f"search {unit.key}", stop=stop)
+        except _Stopped:
+            raise _interrupted(f"search {unit.key}", path) from None
+    if interrupted or len(results) < unit.trials:
+        raise _interrupted(f"search {unit.key}", path)
+    space = unit.space
+    summaries: list[TrialSummary] = []
+    for r in results:
+        metrics = dict(r.metrics or {})
+        values = []
+        if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe:
+            values = [float(v) for v in r.metrics_dataframe[space.metric].dropna()]
+        best = (max(values) if space.mode == "max" else min(values)) if values else float("nan")
+        summaries.append(TrialSummary(
+            trial_id=str(metrics.get("trial_id", Path(r.path).name)),
+            config={k: v for k, v in dict(r.config or {}).items()},
+            value=best,
+            epochs=int(metrics.get("training_iteration", 0)),
+            error=str(r.error or "")[:500],
+        ))
+    best_t = select_best(summaries, space.metric, space.mode, unit.key)
+    return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
+                         best_trial_id=best_t.trial_id, trials=summaries,
+                         trial_ids={str(t.trial_id) for t in results._experiment_analysis.trials})
+
+
+def _search_tuner(unit: SearchUnit, folder: Path, resources: Resources, max_concurrent: int) -> Any:
+    """The search's ``Tuner``: restored from ``folder / unit.key``, else new."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -529,30 +587,7 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
             run_config=tune.RunConfig(name=unit.key, storage_path=str(folder), verbose=1, callbacks=[EngineStop()],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    try:
-        results, interrupted = _tuner_fit(tuner, log_file, what=f"search {unit.key}", stop=stop)
-    except _Stopped:
-        raise _interrupted(f"search {unit.key}", path) from None
-    if interrupted or len(results) < unit.trials:
-        raise _interrupted(f"search {unit.key}", path)
-    summaries: list[TrialSummary] = []
-    for r in results:
-        metrics = dict(r.metrics or {})
-        values = []
-        if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe:
-            values = [float(v) for v in r.metrics_dataframe[space.metric].dropna()]
-        best = (max(values) if space.mode == "max" else min(values)) if values else float("nan")
-        summaries.append(TrialSummary(
-            trial_id=str(metrics.get("trial_id", Path(r.path).name)),
-            config={k: v for k, v in dict(r.config or {}).items()},
-            value=best,
-            epochs=int(metrics.get("training_iteration", 0)),
-            error=str(r.error or "")[:500],
-        ))
-    best_t = select_best(summaries, space.metric, space.mode, unit.key)
-    return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
-                         best_trial_id=best_t.trial_id, trials=summaries,
-                         trial_ids={str(t.trial_id) for t in results._experiment_analysis.trials})
+    return tuner
 
 
 @dataclass
