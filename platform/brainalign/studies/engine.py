@@ -18,7 +18,8 @@ Stopping: SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) mark the study's RUNNIN
 KILLED at once (``ray job stop`` sends SIGKILL after a grace period) and unwind (searches
 running side by side end their Tune loops first); any other failure marks them FAILED.
 Either way the partial report of what finished is logged, and the same command resumes:
-finished searches and tested runs are neither repeated nor logged twice. MLflow layout (one experiment per study, default: named after it)::
+finished searches and tested runs are neither repeated nor logged twice. MLflow layout (one
+experiment per study, default: named after it)::
 
     study-<name>                      role=report   study params, report/, p-values, description = table
     ├── <enc>__<backbone>__<align>    role=search   best_config.json, leaderboard.json
@@ -377,7 +378,7 @@ class _Execution:
             leaderboard = sorted(
                 ({"trial_id": t.trial_id, space.metric: None if math.isnan(t.value) else t.value,
                   "epochs": t.epochs, "error": t.error.splitlines()[0] if t.error else "", **t.config}
-                 for t in outcome.trials),
+                 for t in sorted(outcome.trials, key=lambda t: t.order)),  # ties: in proposal order
                 key=lambda d: (d[space.metric] is None, -(d[space.metric] or 0) if space.mode == "max"
                                else (d[space.metric] or 0)),
             )
