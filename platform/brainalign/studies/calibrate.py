@@ -581,7 +581,7 @@ def execute(plan: CalibrationPlan, *, live: bool = True) -> Any:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(specs), desc="calibration draws", disable=not live)
+            bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="calibration draws", disable=not live)
         except ImportError:  # pragma: no cover
             bar = None
         try:
