@@ -318,3 +318,81 @@ def test_sigint_mid_search_then_rerun_gives_exactly_one_run_per_trial_and_final(
     assert roles == {"report": 1, "search": 2, "trial": 4, "final": 2}, roles
     per_trial = Counter(r.data.tags.get("tune_trial_id") for r in runs if r.data.tags.get("role") == "trial")
     assert set(per_trial.values()) == {1}
+
+
+def _units_of(study: Any, study_run_id: str) -> tuple[Any, Any]:
+    from brainalign.paths import Locations
+    from brainalign.studies.engine import make_plan
+    from brainalign.studies.units import StudyContext
+
+    plan = make_plan(study)
+    return plan, StudyContext(study_run_id, Locations.current())
+
+
+def test_searches_ran_side_by_side_and_each_equals_the_search_run_alone(study_run: Any, home: Path,
+                                                                          tmp_path: Path) -> None:
+    """The study's two searches ran at the same time (their MLflow runs overlap; one after the
+    other, the second starts after the first ended), and each found what it finds alone: the
+    second arm's search, run again by itself in the main thread, has the same trials (configs,
+    best values, epochs reached: ASHA decided the same) and the same best config."""
+    from dataclasses import replace
+
+    from brainalign import tracking
+    from brainalign.studies import _tune
+
+    searches = [r for r in _runs(home) if r.data.tags.get("role") == "search"]
+    a, b = (r.info for r in searches)
+    assert a.start_time < b.end_time and b.start_time < a.end_time, "the searches ran one after the other"
+
+    plan, ctx = _units_of(study_run.study, study_run.outcome.study_run_id)
+    unit = plan.searches(ctx)[1]
+    recorded = next(r for r in searches if r.data.tags["search"] == unit.key)
+    tracking.ensure_experiment("sweep-it-alone")
+    parent = tracking.start_run("sweep-it-alone", run_name=unit.key, tags={"role": "search"})
+    alone_unit = replace(unit, trial=replace(unit.trial, experiment="sweep-it-alone"),
+                         trial_spec=replace(unit.trial_spec, parent_run_id=parent))
+    alone = _tune.run_search(alone_unit, folder=tmp_path, resources=study_run.study.resources,
+                             max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=tmp_path / "alone.log")
+    tracking.end_run(parent)
+
+    def trials(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((r["lr"], r["temperature"], r["val_top1_best"], r["epochs"]) for r in rows)
+
+    board = tracking.download_json(recorded.info.run_id, "leaderboard.json")
+    assert trials(board) == trials([{"val_top1_best": t.value, "epochs": t.epochs, **t.config} for t in alone.trials])
+    assert tracking.download_json(recorded.info.run_id, "best_config.json") == alone.best_config
+    assert recorded.data.metrics["best_val_top1_best"] == alone.best_value
+
+
+def test_packs_by_arm_give_every_run_what_it_got_packed_by_subject(study_run: Any, home: Path,
+                                                                    tmp_path: Path) -> None:
+    """``[resources] pack = "arm"``: one Train worker group trains all of an arm's runs (2
+    subjects x 2 seeds) one after the other; every run gets the test and validation metrics
+    it got in the study, where it was packed with its subject's seeds only."""
+    from dataclasses import replace
+
+    from brainalign import tracking
+    from brainalign.studies import _tune, load_study
+
+    study = load_study(study_run.path, ['resources.pack="arm"'])
+    assert study.resources.pack == "arm" and study.fingerprint() == study_run.study.fingerprint()
+    state = json.loads((home / "ray_results" / "sweep-it" / "study_state.json").read_text())
+    plan, ctx = _units_of(study, state["study_run_id"])
+    arm = study.arms()[0].name
+    tracking.ensure_experiment("sweep-it-arm")
+    parent = tracking.start_run("sweep-it-arm", run_name="packed by arm", tags={"role": "report"})
+    units = [replace(u, config=replace(u.config, experiment="sweep-it-arm"), spec=replace(u.spec, parent_run_id=parent))
+             for u in plan.runs(ctx, {k: r["best_config"] for k, r in state["searches"].items()}) if u.arm.name == arm]
+    assert len(units) == 4 and len(_tune.pack_units(units, "arm")) == 1
+    outcome = _tune.run_units(units, name=_tune.units_experiment("arm"), folder=tmp_path,
+                              state_path=tmp_path / "no_state.json", resources=study.resources, max_concurrent=2,
+                              log_file=tmp_path / "runs.log")
+    tracking.end_run(parent)
+    assert not outcome.failed and not outcome.interrupted and set(outcome.results) == {u.key for u in units}
+    for key, rec in outcome.results.items():
+        before = state["finals"][key]
+        assert rec["run_id"] != before["run_id"]
+        same = {k: v == before[k] or (v != v and before[k] != before[k]) for k, v in rec.items() if k != "run_id"}
+        assert same and all(same.values()), (key, rec, before)  # (NaN equals NaN here)
+    packed = {r.data.tags["tune_trial_id"] for r in _runs(home, "sweep-it-arm") if r.data.tags.get("role") == "final"}
+    assert len(packed) == 1  # one Tune trial (one worker group) trained the four runs

@@ -56,6 +56,21 @@ def test_an_errored_trial_is_never_the_best_whatever_it_reported() -> None:
         select_best([diverged, nan], "val_top1_best", "max", "s")
 
 
+def test_a_tie_goes_to_the_trial_proposed_first_whatever_the_result_order() -> None:
+    """Tune lists results in the order of its random trial ids: a tie (top-1 on n validation
+    images moves in steps of 1/n) must not pick the best config by chance."""
+    from brainalign.studies._tune import _proposal, select_best
+
+    first = TrialSummary("f00d", {"lr": 1e-4}, value=0.25, epochs=2, order=0)
+    second = TrialSummary("0bad", {"lr": 1e-3}, value=0.25, epochs=2, order=1)
+    worse = TrialSummary("0000", {"lr": 1e-2}, value=0.10, epochs=1, order=2)
+    for trials in ([first, second, worse], [worse, second, first]):
+        assert select_best(trials, "val_top1_best", "max").trial_id == "f00d"
+    assert select_best([second, first], "val_loss", "min").trial_id == "f00d"
+    assert select_best([second, worse], "val_loss", "min").trial_id == "0000"
+    assert _proposal("3_lr=0.001,temperature=0.05", 7) == 2 and _proposal("", 7) == 7
+
+
 @pytest.mark.parametrize("name", [".", "..", "../x", "", ".hidden"])
 def test_a_study_name_that_could_address_another_folder_is_refused(
     tmp_path: Path, tiny_dataset: Path, name: str

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
+from brainalign import BrainalignError
 from brainalign.config import DataConfig, TrainConfig
 from brainalign.studies.spec import Arm
 from brainalign.studies.units import RunUnit, unit_key
@@ -55,3 +57,19 @@ def test_worker_shares_are_equal_disjoint_and_cover_the_split() -> None:
     for s in shares:
         assert np.array_equal(s[0].numpy(), x[s[1].numpy()])
         assert s[0].is_contiguous()
+
+
+def test_packs_by_arm_hold_all_its_subjects_and_seeds_in_order() -> None:
+    from brainalign.studies._tune import pack_units, units_experiment
+
+    units = _units()
+    packs = pack_units(units, "arm")
+    assert list(packs) == [units[0].arm.name, units[-1].arm.name]
+    for key, pack in packs.items():
+        assert [(u.subject, u.seed) for u in pack] == [(s, k) for s in ("01", "02") for k in (0, 1, 2)]
+        assert {u.arm.name for u in pack} == {key}
+    assert [u.key for p in packs.values() for u in p] == [u.key for u in units]
+    # each packing has its own Tune experiment: a restored grid keeps the pack keys it started with
+    assert units_experiment("subject") == "runs" and units_experiment("arm") != "runs"
+    with pytest.raises(BrainalignError, match=r"Invalid \[resources\] pack 'seed'"):
+        pack_units(units, "seed")

@@ -365,3 +365,22 @@ def test_size_candidates_of_a_study_with_encoder_arch_keys() -> None:
     s = load_study(REPO / "jobs" / "fmri_study.toml")
     assert s.config["arch.width"] == 512
     assert _candidates(s, {}, "batch_size") == [128] and _candidates(s, {}, "data.normalize") == ["none"]
+
+
+def test_pack_and_parallel_searches_parse_and_stay_out_of_the_fingerprint(tmp_path: Path) -> None:
+    """``[resources] pack`` and ``[study] parallel_searches`` (issue 15) change how runs are
+    dispatched, never a result: a study resumed with other values keeps its fingerprint; a bad
+    pack is refused before compute, naming the choices."""
+    base = load_study(_write(tmp_path))
+    assert base.resources.pack == "subject" and base.parallel_searches is True
+    other = load_study(_write(tmp_path, STUDY.replace("workers_per_trial = 1", 'workers_per_trial = 1\npack = "arm"')
+                              .replace("final_seeds = 2", "final_seeds = 2\nparallel_searches = false")))
+    assert other.resources.pack == "arm" and other.parallel_searches is False
+    assert other.fingerprint() == base.fingerprint()
+    assert load_study(_write(tmp_path), ['resources.pack="arm"']).resources.pack == "arm"
+    with pytest.raises(BrainalignError, match=r"\[resources\] pack = 'arms' is not a way to pack.*Did you mean 'arm'"):
+        load_study(_write(tmp_path, STUDY.replace("workers_per_trial = 1", 'workers_per_trial = 1\npack = "arms"')))
+    with pytest.raises(BrainalignError, match=r"pack must be str"):
+        load_study(_write(tmp_path, STUDY.replace("workers_per_trial = 1", "workers_per_trial = 1\npack = 1")))
+    with pytest.raises(BrainalignError, match=r"parallel_searches must be bool"):
+        load_study(_write(tmp_path, STUDY.replace("final_seeds = 2", 'final_seeds = 2\nparallel_searches = "yes"')))

@@ -10,6 +10,7 @@ reuses the run ids; what an interruption left in MLflow is reconciled by the eng
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ STATE_VERSION = 2
 
 @dataclass
 class StudyState:
-    """What a study has finished; persisted as JSON after every change."""
+    """What a study has finished; persisted as JSON after every change.
+
+    Thread-safe for the engine's side-by-side searches: :meth:`save` and :meth:`record`
+    hold one lock, so a save never sees a table another thread is changing and the file
+    always holds every record made so far.
+    """
 
     path: Path
     study: str
@@ -38,6 +44,7 @@ class StudyState:
     report_logged: bool = False
     #: analyses done on the finished tested runs (``"explain"``, ``"grids"``)
     analyses: list[str] = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     @classmethod
     def new(cls, folder: Path, study: Study) -> StudyState:
@@ -74,17 +81,25 @@ class StudyState:
         """Search key -> best config, for every finished search."""
         return {k: dict(r["best_config"]) for k, r in self.searches.items() if r.get("done")}
 
+    def record(self, table: str, key: str, record: dict[str, Any]) -> None:
+        """Set ``searches[key]`` or ``finals[key]`` (``table``) and save, as one step."""
+        with self._lock:
+            {"searches": self.searches, "finals": self.finals}[table][key] = record
+            self.save()
+
     def save(self) -> None:
-        write_json_atomic(self.path, {
-            "version": STATE_VERSION,
-            "study": self.study,
-            "fingerprint": self.fingerprint,
-            "study_run_id": self.study_run_id,
-            "searches": self.searches,
-            "finals": self.finals,
-            "report_logged": self.report_logged,
-            "analyses": self.analyses,
-        })
+        """Write the state file (atomically)."""
+        with self._lock:
+            write_json_atomic(self.path, {
+                "version": STATE_VERSION,
+                "study": self.study,
+                "fingerprint": self.fingerprint,
+                "study_run_id": self.study_run_id,
+                "searches": self.searches,
+                "finals": self.finals,
+                "report_logged": self.report_logged,
+                "analyses": self.analyses,
+            })
 
 
 def recorded_final(state_path: Path, key: str) -> dict[str, Any] | None:

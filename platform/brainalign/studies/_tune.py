@@ -9,11 +9,19 @@ Train run* (the Train V2 pattern):
   reports the selection metric;
 * the **tested runs** (:func:`run_units`): a grid over unit keys, each a Train run that is
   tested; Tune gives them bounded concurrency and resume. It is the one function that
-  dispatches run units: one Tune trial per *pack* (an arm's seeds on one subject,
-  :func:`pack_units`), whose runs one Train worker group trains one after the other.
+  dispatches run units: one Tune trial per *pack* (``[resources] pack``: an arm's seeds on
+  one subject, or all of an arm's runs; :func:`pack_units`), whose runs one Train worker
+  group trains one after the other.
 
 Both live under ``<study folder>/<name>`` and are resumed with ``Tuner.restore``. Tune's own
 console output (status tables, warnings) goes to the study's log file, not the terminal.
+
+Searches may run side by side, each ``Tuner.fit`` in its own driver thread (the engine's
+``side_by_side``). What that needs here: each search registers its trainable under its own
+name (Tune's trainable registry is one per Ray job, keyed by name: two searches under one
+name would run each other's trials), the console redirection is shared by the threads
+(:func:`_output_to`), and a search's Tune loop ends when the engine sets its ``stop`` event
+(:class:`EngineStop`; Tune installs its SIGINT handler in the main thread only).
 """
 
 from __future__ import annotations
@@ -25,16 +33,18 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .. import tracking
-from .._checks import BrainalignError
+from .._checks import BrainalignError, check_option
 from .._ray import watch_resource_wait
 from ..config import TrainConfig
 from ._state import recorded_final
@@ -43,8 +53,9 @@ from .searchspace import ParamSpec
 from .spec import Resources
 from .units import RunUnit, SearchUnit
 
-__all__ = ["SEARCH_CONCURRENCY", "SearchOutcome", "TrialSummary", "UnitsOutcome", "custom_per_trial",
-           "max_concurrent_trials", "pack_units", "run_search", "run_units", "trial_resources"]
+__all__ = ["SEARCH_CONCURRENCY", "EngineStop", "SearchOutcome", "TrialSummary", "UnitsOutcome", "custom_per_trial",
+           "max_concurrent_trials", "pack_units", "run_search", "run_units", "search_trainable_name", "trial_resources",
+           "units_experiment"]
 
 log = logging.getLogger(__name__)
 
@@ -215,19 +226,36 @@ def _search_trial(params: dict[str, Any], unit: SearchUnit) -> None:
     run_training(cfg, spec, callbacks=[TuneReportCallback()])  # type: ignore[no-untyped-call]
 
 
-def pack_units(units: Sequence[RunUnit]) -> dict[str, list[RunUnit]]:
-    """The run units grouped into packs: one pack per arm and subject (all its seeds), in order.
+def pack_units(units: Sequence[RunUnit], by: str = "subject") -> dict[str, list[RunUnit]]:
+    """The run units grouped into packs, in order: ``by="subject"``, one pack per arm and
+    subject (all its seeds); ``by="arm"``, one pack per arm (all its subjects and seeds).
 
     A pack is trained by one Train worker group, its runs one after the other
     (:func:`~brainalign.train.runner.run_pack`): the start-up is paid once per pack instead
     of once per run, and every run is still its own MLflow run with the results it would get
-    alone. The grouping depends on the units only (not on the cluster), so a resumed study
-    finds the same packs under the same keys.
+    alone. The grouping depends on the units and ``by`` only (not on the cluster), so a
+    resumed study finds the same packs under the same keys.
+
+    Raises
+    ------
+    BrainalignError
+        ``by`` is not one of :data:`~brainalign.studies.spec.PACKS`.
     """
+    from .spec import PACKS
+
+    check_option("[resources] pack", by, PACKS)
     packs: dict[str, list[RunUnit]] = {}
     for u in units:
-        packs.setdefault(f"{u.arm.name}/sub-{u.subject}", []).append(u)
+        packs.setdefault(u.arm.name if by == "arm" else f"{u.arm.name}/sub-{u.subject}", []).append(u)
     return packs
+
+
+def units_experiment(pack: str) -> str:
+    """The Tune experiment of the tested runs under ``[resources] pack``: ``runs`` (by subject,
+    the former layout) or ``runs-by-<pack>``. One per packing, because a restored experiment
+    keeps the grid of pack keys it started with: a study resumed under another packing starts
+    a new experiment, whose packs skip the runs the state file records."""
+    return "runs" if pack == "subject" else f"runs-by-{pack}"
 
 
 def _pack_trial(config: dict[str, Any], packs: Mapping[str, Sequence[RunUnit]], state_path: str) -> None:
@@ -239,6 +267,9 @@ def _pack_trial(config: dict[str, Any], packs: Mapping[str, Sequence[RunUnit]], 
 
     _quiet_data()
     key = config["pack"]
+    if key not in packs:  # an experiment of another packing (units_experiment keeps them apart)
+        raise BrainalignError(f"pack {key!r} is not a pack of this study ({sorted(packs)[:4]} ...); re-run with "
+                              "--fresh if the study's folder was edited by hand.")
     tid = ray.tune.get_context().get_trial_id()
     done: dict[str, dict[str, Any]] = {}
     todo: list[RunUnit] = []
@@ -287,40 +318,128 @@ def _restorable(path: Path) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Tune's console output (printed tables, Ray's loggers, warnings) into ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ray_log = logging.getLogger("ray")
-    saved = ray_log.handlers[:]
-    with open(path, "a", buffering=1) as f:
-        handler = logging.StreamHandler(f)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        ray_log.handlers = [handler]
+class _SharedOutput:
+    """The process's stdout, stderr and ``ray`` logger redirected into one file while at least
+    one user holds it: searches side by side (threads) share one redirection (nested
+    ``contextlib.redirect_stdout`` from two threads would restore each other's streams and
+    leave ``sys.stdout`` on a closed file). The first user's path is used."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[Any, Any, list[logging.Handler]] | None = None
+        self._file: Any = None
+
+    @contextlib.contextmanager
+    def to(self, path: Path) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(path, "a", buffering=1)  # closed by the last user
+                ray_log = logging.getLogger("ray")
+                self._saved = (sys.stdout, sys.stderr, ray_log.handlers[:])
+                handler = logging.StreamHandler(f)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                ray_log.handlers = [handler]
+                sys.stdout = sys.stderr = f
+                self._file = f
+            self._users += 1
         try:
-            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                yield
+            yield
         finally:
-            ray_log.handlers = saved
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved is not None:
+                    sys.stdout, sys.stderr, logging.getLogger("ray").handlers = self._saved
+                    self._saved = None
+                    self._file.close()
+                    self._file = None
 
 
-def _tuner_fit(tuner: Any, log_file: Path) -> tuple[Any, bool]:
+_OUTPUT = _SharedOutput()
+
+
+def _output_to(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Tune's console output (printed tables, Ray's loggers, warnings) into ``path`` (shared
+    by the threads that run at once: :class:`_SharedOutput`)."""
+    return _OUTPUT.to(path)
+
+
+#: Per thread: the stop event of the engine thread that runs a Tune loop (:func:`_tuner_fit`),
+#: and whether it holds :data:`_SETUP`.
+_THREAD = threading.local()
+#: One Tune experiment at a time is built and started: Tune's trainable registry (one dict per
+#: process, ``ray.tune.registry._Registry``) is not thread-safe, and two searches registering
+#: their trainables at once fail with "dictionary changed size during iteration". A search
+#: holds it from building its ``Tuner`` to the first step of its loop (:class:`EngineStop`),
+#: by when Tune has registered everything; the loops themselves then run side by side.
+_SETUP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _setup_turn() -> Iterator[None]:
+    """Hold :data:`_SETUP` in this thread until :func:`_end_setup_turn` or the block ends."""
+    _SETUP.acquire()
+    _THREAD.setup = True
+    try:
+        yield
+    finally:
+        _end_setup_turn()
+
+
+def _end_setup_turn() -> None:
+    if getattr(_THREAD, "setup", False):
+        _THREAD.setup = False
+        _SETUP.release()
+
+
+class _Stopped(Exception):
+    """Raised in a Tune loop by :class:`EngineStop`: an ``Exception``, so that Tune cleans up
+    (stops its trial actors) before it propagates."""
+
+
+class EngineStop(Callback):  # type: ignore[misc]
+    """Tune callback: end the Tune loop of an engine thread once its ``stop`` event is set.
+
+    Stateless (it is pickled with the experiment and restored with it): the event is the
+    calling thread's, set by :func:`_tuner_fit`. At the loop's first step it also lets the
+    next experiment set up (:data:`_SETUP`). Tune checks the event at every step of its loop
+    (about every 0.1 s), stops the trial actors and raises; the experiment keeps the state it
+    last saved (Tune saves it every few seconds) and resumes from there, like after a killed
+    driver. A thread without an event (the main thread, Tune's own Ctrl-C) is never stopped.
+    """
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        _end_setup_turn()  # the experiment is set up: the next one may start (_SETUP)
+        stop = getattr(_THREAD, "stop", None)
+        if stop is not None and stop.is_set():
+            raise _Stopped("the engine stopped this Tune experiment")
+
+
+def _tuner_fit(tuner: Any, log_file: Path, *, what: str = "the Tune experiment",
+               stop: threading.Event | None = None) -> tuple[Any, bool]:
     """``Tuner.fit()`` (its output into ``log_file``) and whether it was interrupted.
 
     Ctrl-C makes Tune stop gracefully: it saves its state, stops the trials (which may then
     look finished) and returns normally. Tune's SIGINT handler puts the previous handler back
     only when it fires, so an unchanged handler after ``fit`` means an interruption. The
     previous handler is restored in any case: Tune leaves its own installed after a normal
-    run, where it would swallow a later Ctrl-C.
+    run, where it would swallow a later Ctrl-C. Outside the main thread Tune installs no
+    handler; there ``stop`` (set by the engine) ends the loop of an experiment that has the
+    :class:`EngineStop` callback, and :class:`_Stopped` is raised.
     """
     main = threading.current_thread() is threading.main_thread()
     watch = main and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
     before = signal.getsignal(signal.SIGINT) if main else None
+    if stop is not None and stop.is_set():
+        raise _Stopped(f"{what} was stopped before it started")
+    _THREAD.stop = stop
     try:
         # Tune's output goes to the log file; a long wait for resources is logged to the console
-        with _output_to(log_file), watch_resource_wait("the Tune experiment"):
+        with _output_to(log_file), watch_resource_wait(what):
             results = tuner.fit()
     finally:
+        _THREAD.stop = None
         after = signal.getsignal(signal.SIGINT) if main else None
         if main:
             signal.signal(signal.SIGINT, before)
@@ -344,6 +463,8 @@ class TrialSummary:
     value: float
     epochs: int
     error: str = ""
+    #: when the searcher proposed it (0, 1, ...): breaks ties between equal best values
+    order: int = 0
 
 
 @dataclass
@@ -366,7 +487,10 @@ def select_best(trials: list[TrialSummary], metric: str, mode: str, name: str = 
     """The best trial by ``metric``/``mode`` among those that finished without error.
 
     An errored trial (e.g. one that diverged: ``NonFiniteError``) never wins, whatever it
-    reported before it failed, and neither does a non-finite value.
+    reported before it failed, and neither does a non-finite value. Among equal best values
+    the trial proposed first wins (as Optuna's ``best_trial``): the order of Tune's results
+    follows its random trial ids, so without this rule a tie (common: top-1 on a few hundred
+    validation images moves in steps of 1/n) would pick the best config by chance.
 
     Raises
     ------
@@ -381,11 +505,18 @@ def select_best(trials: list[TrialSummary], metric: str, mode: str, name: str = 
             f"{sum(bool(t.error) for t in trials)} failed). Errors: {errors or 'none'}. Fix the cause (e.g. "
             "narrow the search space's lr range if trials diverged) and re-run with --fresh."
         )
-    return max(scored, key=lambda t: t.value) if mode == "max" else min(scored, key=lambda t: t.value)
+    best = max(t.value for t in scored) if mode == "max" else min(t.value for t in scored)
+    return min((t for t in scored if t.value == best), key=lambda t: t.order)
+
+
+def search_trainable_name(unit: SearchUnit) -> str:
+    """The name a search's trainable is registered under in Tune: one per search, so that
+    searches side by side (one Ray job, one trainable registry) never swap trainables."""
+    return f"search_{unit.key}"
 
 
 def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_concurrent: int,
-               log_file: Path) -> SearchOutcome:
+               log_file: Path, stop: threading.Event | None = None) -> SearchOutcome:
     """Run (or resume) one Optuna + ASHA search of Train runs; select on validation only.
 
     Parameters
@@ -400,6 +531,8 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
         Tune's ``max_concurrent_trials``.
     log_file : Path
         Where Tune's console output goes.
+    stop : threading.Event, optional
+        Set by the engine (from another thread) to end the search; resumable.
 
     Returns
     -------
@@ -408,19 +541,72 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
     Raises
     ------
     KeyboardInterrupt
-        The search was interrupted (Ctrl-C); re-running resumes it.
-    RuntimeError
-        No trial produced the metric.
+        The search was interrupted (Ctrl-C, ``stop``); re-running resumes it.
+    BrainalignError
+        No trial finished with a finite value; or the search was started by an older
+        brainalign whose trainable Tune cannot restore under today's name.
     """
+    path = folder / unit.key
+    with _setup_turn():  # released at the first step of the Tune loop: searches side by side set up in turn
+        try:
+            results, interrupted = _tuner_fit(_search_tuner(unit, folder, resources, max_concurrent), log_file,
+                                              what=f"search {unit.key}", stop=stop)
+        except _Stopped:
+            raise _interrupted(f"search {unit.key}", path) from None
+    if interrupted or len(results) < unit.trials:
+        raise _interrupted(f"search {unit.key}", path)
+    space = unit.space
+    # the searcher's proposal order: Tune tags trial k (from 1) "k_<params>", kept on restore
+    trials = results._experiment_analysis.trials
+    order = {str(t.trial_id): _proposal(t.experiment_tag, i) for i, t in enumerate(trials)}
+    summaries: list[TrialSummary] = []
+    for r in results:
+        metrics = dict(r.metrics or {})
+        values = []
+        if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe:
+            values = [float(v) for v in r.metrics_dataframe[space.metric].dropna()]
+        best = (max(values) if space.mode == "max" else min(values)) if values else float("nan")
+        summaries.append(TrialSummary(
+            trial_id=str(metrics.get("trial_id", Path(r.path).name)),
+            config={k: v for k, v in dict(r.config or {}).items()},
+            value=best,
+            epochs=int(metrics.get("training_iteration", 0)),
+            error=str(r.error or "")[:500],
+        ))
+        summaries[-1].order = order.get(summaries[-1].trial_id, len(trials))
+    best_t = select_best(summaries, space.metric, space.mode, unit.key)
+    return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
+                         best_trial_id=best_t.trial_id, trials=summaries,
+                         trial_ids={str(t.trial_id) for t in trials})
+
+
+def _proposal(tag: str, index: int) -> int:
+    """A search trial's proposal number from its Tune ``experiment_tag`` (``"3_lr=..."``: 3rd),
+    else its place in the experiment's trial list."""
+    head = str(tag or "").split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() else index
+
+
+def _search_tuner(unit: SearchUnit, folder: Path, resources: Resources, max_concurrent: int) -> Any:
+    """The search's ``Tuner``: restored from ``folder / unit.key``, else new."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     space = unit.space
     path = folder / unit.key
     trainable = tune.with_resources(tune.with_parameters(_search_trial, unit=unit), trial_resources(resources))
+    trainable.__name__ = search_trainable_name(unit)  # Tune registers it under this name (per Ray job)
     if _restorable(path):
         log.info("resuming search %s from %s", unit.key, path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        except ValueError as e:
+            if "trainable" not in str(e).lower():
+                raise
+            raise BrainalignError(
+                f"search {unit.key} in {path} was started by an older brainalign (its trainable had another name: "
+                f"{e}); finish the study with that version or start over with --fresh."
+            ) from None
     else:
         import optuna
 
@@ -443,30 +629,11 @@ def run_search(unit: SearchUnit, *, folder: Path, resources: Resources, max_conc
                 search_alg=searcher,
                 scheduler=scheduler,
             ),
-            run_config=tune.RunConfig(name=unit.key, storage_path=str(folder), verbose=1,
+            # EngineStop: the engine can end this experiment from another thread (side by side)
+            run_config=tune.RunConfig(name=unit.key, storage_path=str(folder), verbose=1, callbacks=[EngineStop()],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    results, interrupted = _tuner_fit(tuner, log_file)
-    if interrupted or len(results) < unit.trials:
-        raise _interrupted(f"search {unit.key}", path)
-    summaries: list[TrialSummary] = []
-    for r in results:
-        metrics = dict(r.metrics or {})
-        values = []
-        if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe:
-            values = [float(v) for v in r.metrics_dataframe[space.metric].dropna()]
-        best = (max(values) if space.mode == "max" else min(values)) if values else float("nan")
-        summaries.append(TrialSummary(
-            trial_id=str(metrics.get("trial_id", Path(r.path).name)),
-            config={k: v for k, v in dict(r.config or {}).items()},
-            value=best,
-            epochs=int(metrics.get("training_iteration", 0)),
-            error=str(r.error or "")[:500],
-        ))
-    best_t = select_best(summaries, space.metric, space.mode, unit.key)
-    return SearchOutcome(best_config=dict(best_t.config), best_value=best_t.value,
-                         best_trial_id=best_t.trial_id, trials=summaries,
-                         trial_ids={str(t.trial_id) for t in results._experiment_analysis.trials})
+    return tuner
 
 
 @dataclass
@@ -480,22 +647,22 @@ class UnitsOutcome:
 
 def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: Path, resources: Resources,
               max_concurrent: int, log_file: Path) -> UnitsOutcome:
-    """Run (or resume) run units as a Tune grid over their keys, ``max_concurrent`` at a time.
+    """Run (or resume) run units as a Tune grid over their packs, ``max_concurrent`` at a time.
 
     Parameters
     ----------
     units : sequence of RunUnit
         Every unit of the study (units the state file records report without training).
     name : str
-        Tune experiment name (``folder / name``).
+        Tune experiment name (``folder / name``; :func:`units_experiment` of the packing).
     folder : Path
         The study's folder.
     state_path : Path
         The study's state file.
     resources : Resources
-        Per-unit resources.
+        Per-unit resources; ``resources.pack`` groups the units (:func:`pack_units`).
     max_concurrent : int
-        Units at once.
+        Packs at once.
     log_file : Path
         Where Tune's console output goes.
 
@@ -509,7 +676,7 @@ def run_units(units: Sequence[RunUnit], *, name: str, folder: Path, state_path: 
     from ray import tune
 
     path = folder / name
-    packs = pack_units(units)
+    packs = pack_units(units, resources.pack)
     trainable = tune.with_resources(tune.with_parameters(_pack_trial, packs=packs, state_path=str(state_path)),
                                     trial_resources(resources))
     if _restorable(path):

@@ -6,17 +6,20 @@
    absolute), the plan (a kind may read MLflow here, e.g. ``config_from_run``), the dataset
    (simulated when the study says so, then checked against the study);
 2. the study's MLflow run and state file, created or resumed (:mod:`._state`);
-3. the searches, one after the other (:func:`._tune.run_search`), each recorded when done;
+3. the searches (:func:`._tune.run_search`), side by side in driver threads as far as the
+   cluster fits them (:func:`side_by_side`; ``[study] parallel_searches = false``: one after
+   the other), each one trial at a time and recorded when done;
 4. the tested runs, dispatched as units (:func:`._tune.run_units`), reconciled with MLflow;
 5. the report, rendered from what the runs logged in MLflow (:mod:`.report`), written to
    ``$BRAINALIGN_HOME/reports/<study>/``, logged to the study run (artifacts, metrics and its
    description).
 
 Stopping: SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) mark the study's RUNNING runs
-KILLED at once (``ray job stop`` sends SIGKILL after a grace period) and unwind; any other
-failure marks them FAILED. Either way the partial report of what finished is logged, and
-the same command resumes: finished searches and tested runs are neither repeated nor logged
-twice. MLflow layout (one experiment per study, default: named after it)::
+KILLED at once (``ray job stop`` sends SIGKILL after a grace period) and unwind (searches
+running side by side end their Tune loops first); any other failure marks them FAILED.
+Either way the partial report of what finished is logged, and the same command resumes:
+finished searches and tested runs are neither repeated nor logged twice. MLflow layout (one
+experiment per study, default: named after it)::
 
     study-<name>                      role=report   study params, report/, p-values, description = table
     ├── <enc>__<backbone>__<align>    role=search   best_config.json, leaderboard.json
@@ -33,11 +36,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import paths, tracking
 from .._checks import BrainalignError, check_option
@@ -71,12 +74,14 @@ __all__ = [
     "ray_job_id",
     "render_report",
     "run_study",
+    "side_by_side",
     "study_folder",
     "study_run_of",
     "study_status",
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MODES = ("auto", "resume", "fresh")
 #: Set by the Ray job supervisor in the driver's environment: we run inside ``ray job submit``.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -153,8 +158,10 @@ class StopGuard:
     The runs are ended inside the handler, before anything else, because ``ray job stop``
     sends SIGKILL after a short grace period (``RAY_JOB_STOP_WAIT_TIME_S``). Enter it AFTER
     ``ray.init``: Ray's driver installs its own SIGTERM handler (``sys.exit``). During
-    ``Tuner.fit`` Tune owns SIGINT (a graceful stop, reported as an interruption). Outside
-    the main thread it does nothing.
+    ``Tuner.fit`` in the main thread Tune owns SIGINT (a graceful stop, reported as an
+    interruption); searches side by side run ``Tuner.fit`` in other threads, where Tune
+    installs no handler, so the guard takes SIGINT then too. Outside the main thread it does
+    nothing.
 
     Parameters
     ----------
@@ -200,6 +207,75 @@ class StopGuard:
             raise JobStopped(f"stopped by {self.signal}")
 
 
+def side_by_side(items: Sequence[T], work: Callable[[T, threading.Event], None], limit: int, *,
+                 name: Callable[[T], str] = str, poll_s: float = 0.5) -> None:
+    """``work(item, stop)`` for every item, each in its own thread, up to ``limit`` at once.
+
+    Items start in order as threads end. When an item's work raises, the running ones go on to
+    their end, no other starts, and then the error of the first failed item (in order) is
+    raised (the others are logged). An exception in the calling thread while it waits (a
+    signal: :class:`JobStopped`, Ctrl-C) sets ``stop``, waits for every thread to end, then
+    propagates; so does an interruption (not an ``Exception``) inside one thread. ``work``
+    must end soon after ``stop`` is set (a search ends its Tune loop, resumable).
+
+    Parameters
+    ----------
+    items : sequence
+        The work items, in start order.
+    work : callable
+        ``work(item, stop)``; runs in a daemon thread.
+    limit : int
+        Threads at once (>= 1).
+    name : callable
+        The thread name of an item.
+    poll_s : float
+        How often the calling thread looks at its threads (signals are handled meanwhile).
+    """
+    stop = threading.Event()
+    ended = threading.Event()
+    errors: dict[int, BaseException] = {}
+    lock = threading.Lock()
+
+    def target(i: int, item: T) -> None:
+        try:
+            work(item, stop)
+        except BaseException as e:  # handed to the calling thread
+            with lock:
+                errors[i] = e
+            if not isinstance(e, Exception):
+                stop.set()
+        finally:
+            ended.set()
+
+    queue = list(enumerate(items))
+    running: list[threading.Thread] = []
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, limit) and not errors and not stop.is_set():
+                i, item = queue.pop(0)
+                thread = threading.Thread(target=target, args=(i, item), name=name(item), daemon=True)
+                thread.start()
+                running.append(thread)
+            if not running:
+                break
+            ended.wait(poll_s)
+            ended.clear()
+            running = [t for t in running if t.is_alive()]
+    except BaseException:
+        stop.set()
+        log.warning("stopping %d running thread(s): %s", len(running), ", ".join(t.name for t in running))
+        for t in running:
+            while t.is_alive():
+                t.join(poll_s)
+        raise
+    if errors:
+        first = min(errors)
+        for i, e in sorted(errors.items()):
+            if i != first:
+                log.error("%s failed too: %s", name(items[i]), e)
+        raise errors[first]
+
+
 # --------------------------------------------------------------------------- the engine
 @dataclass
 class StudyOutcome:
@@ -238,7 +314,36 @@ class _Execution:
         return self.folder / "study.log"
 
     # ----------------------------------------------------------------- searches
-    def search(self, unit: SearchUnit) -> None:
+    def searches(self, units: Sequence[SearchUnit], guard: StopGuard) -> None:
+        """Every unfinished search: side by side (``[study] parallel_searches``, up to
+        ``max_concurrent`` at once, each still one trial at a time), else one after the other.
+
+        A search's result is the same either way: it is its own Tune experiment with its own
+        seeded sampler and scheduler, and its trials are deterministic. Side by side, a search
+        that fails lets the others finish (their results are recorded), then its error is
+        raised; a stop (SIGINT/SIGTERM) stops them all, each resumable.
+        """
+        todo = []
+        for unit in units:
+            if self.state.searches.get(unit.key, {}).get("done"):
+                log.info("search %s already done", unit.key)
+            else:
+                todo.append(unit)
+        n = min(self.max_concurrent, len(todo)) if self.study.parallel_searches else 1
+        if n <= 1:
+            for unit in todo:
+                self.search(unit)
+                guard.check()
+            return
+        log.info("%d searches, %d side by side (each one trial at a time)", len(todo), n)
+        self._prepare([u.trial for u in todo])  # here, once: two threads must not prepare one cache entry
+        side_by_side(todo, lambda unit, stop: self.search(unit, stop=stop, prepared=True), n,
+                     name=lambda unit: f"search-{unit.key}")
+        guard.check()
+
+    def search(self, unit: SearchUnit, *, stop: threading.Event | None = None, prepared: bool = False) -> None:
+        """Run (or resume) one search and record it (in a thread of :meth:`searches` too:
+        ``stop`` ends its Tune loop, resumable)."""
         st, state, uri = self.study, self.state, self.uri
         rec = state.searches.get(unit.key, {})
         run_id = rec.get("run_id")
@@ -255,11 +360,11 @@ class _Execution:
                                         params=unit.params, tags=dict(unit.tags) | {"role": "search"}, uri=uri)
         if not rec.get("run_id"):
             tracking.log_dict(run_id, unit.space.to_json(), "searchspace.json", uri=uri)
-            state.searches[unit.key] = {"run_id": run_id, "done": False}
-            state.save()
+            state.record("searches", unit.key, {"run_id": run_id, "done": False})
         log.info("search %s (%d trials, <= %d epochs) -> MLflow run %s", unit.key, unit.trials, unit.max_epochs,
                  run_id)
-        self._prepare([unit.trial])
+        if not prepared:
+            self._prepare([unit.trial])
         from . import _tune
 
         with tracking.ended(run_id, uri=uri):
@@ -267,13 +372,13 @@ class _Execution:
             # one trial at a time: ASHA decides a rung from the values recorded there so far,
             # so with concurrent trials the arrival order (timing) would pick the best config
             outcome = _tune.run_search(unit, folder=self.folder, resources=st.resources,
-                                       max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=self.log_file)
+                                       max_concurrent=_tune.SEARCH_CONCURRENCY, log_file=self.log_file, stop=stop)
             n_pruned = self._reconcile_trials(unit, run_id, outcome.trials, outcome.trial_ids)
             space = unit.space
             leaderboard = sorted(
                 ({"trial_id": t.trial_id, space.metric: None if math.isnan(t.value) else t.value,
                   "epochs": t.epochs, "error": t.error.splitlines()[0] if t.error else "", **t.config}
-                 for t in outcome.trials),
+                 for t in sorted(outcome.trials, key=lambda t: t.order)),  # ties: in proposal order
                 key=lambda d: (d[space.metric] is None, -(d[space.metric] or 0) if space.mode == "max"
                                else (d[space.metric] or 0)),
             )
@@ -282,9 +387,8 @@ class _Execution:
             tracking.log_metrics(run_id, {f"best_{space.metric}": outcome.best_value, "n_trials": len(outcome.trials),
                                           "n_errored": outcome.n_errored, "n_pruned": n_pruned}, uri=uri)
             tracking.set_tags(run_id, {"best_trial_id": outcome.best_trial_id}, uri=uri)
-        state.searches[unit.key] = {"run_id": run_id, "done": True, "best_config": outcome.best_config,
-                                    "best_value": outcome.best_value, "best_trial_id": outcome.best_trial_id}
-        state.save()
+        state.record("searches", unit.key, {"run_id": run_id, "done": True, "best_config": outcome.best_config,
+                                            "best_value": outcome.best_value, "best_trial_id": outcome.best_trial_id})
         log.info("search %s: best %s = %.4f with %s", unit.key, unit.space.metric, outcome.best_value,
                  outcome.best_config)
 
@@ -351,12 +455,14 @@ class _Execution:
         todo = [u for u in units if u.key not in state.finals]
         if not todo:
             return
-        log.info("tested runs: %d of %d to run (%d at a time)", len(todo), len(units), self.max_concurrent)
+        log.info("tested runs: %d of %d to run (packed by %s, %d pack(s) at a time)", len(todo), len(units),
+                 st.resources.pack, self.max_concurrent)
         self._prepare([u.config for u in todo])
         from . import _tune
 
-        outcome = _tune.run_units(units, name="runs", folder=self.folder, state_path=state.path,
-                                  resources=st.resources, max_concurrent=self.max_concurrent, log_file=self.log_file)
+        outcome = _tune.run_units(units, name=_tune.units_experiment(st.resources.pack), folder=self.folder,
+                                  state_path=state.path, resources=st.resources, max_concurrent=self.max_concurrent,
+                                  log_file=self.log_file)
         parents = {u.key: u.spec.parent_run_id for u in units}
         for key, rec in outcome.results.items():
             runs = tracking.find_runs(st.experiment, {"final_key": key, "mlflow.parentRunId": parents[key]}, uri)
@@ -575,12 +681,7 @@ def run_study(study: Study, *, mode: str = "auto", live: bool = True, plan: Plan
           tracking.ended(state.study_run_id, uri=uri, cascade=cascade),
           LiveView(study, plan, state.study_run_id, uri, log_file=ex.log_file, enabled=live)):
         try:
-            for unit in plan.searches(ex.ctx):
-                if state.searches.get(unit.key, {}).get("done"):
-                    log.info("search %s already done", unit.key)
-                    continue
-                ex.search(unit)
-                guard.check()
+            ex.searches(plan.searches(ex.ctx), guard)
             ex.run_units(plan.runs(ex.ctx, state.selected()))
             guard.check()
             ex.analyses()

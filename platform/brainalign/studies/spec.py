@@ -27,13 +27,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .._checks import BrainalignError, check_name, check_option, check_range, check_type
+from .._checks import BrainalignError, check_name, check_option, check_range, check_type, suggest
 from ..config import TrainConfig, flatten_toml
 from ..paths import resolve
 
 __all__ = [
     "INHERIT_NEVER",
     "MACHINE_KEYS",
+    "PACKS",
     "STUDY_OWNED",
     "Arm",
     "PairSpec",
@@ -74,13 +75,19 @@ INHERIT_NEVER = frozenset(STUDY_OWNED) | MACHINE_KEYS | {"select_metric"}
 
 _TABLES = ("study", "resources", "config")
 _COMMON_KEYS = ("kind", "name", "experiment", "description", "dataset", "simulate", "subjects", "encoders",
-                "pairs", "max_epochs", "final_seeds", "correction", "select_metric", "explain", "grids")
-_RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
+                "pairs", "max_epochs", "final_seeds", "correction", "select_metric", "explain", "grids",
+                "parallel_searches")
+#: ``[resources]`` keys that shape every run (in the fingerprint) ...
+_RUN_RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_cpus")
+#: ... and all of them: ``pack`` only groups runs for dispatch (results do not depend on it)
+_RESOURCE_KEYS = (*_RUN_RESOURCE_KEYS, "pack")
 #: ``[resources]`` keys that place runs on nodes (Ray custom resources); not in the fingerprint:
 #: where a run is placed does not change what it computes.
 _PLACEMENT_KEYS = ("custom_per_worker", "trial_custom")
 #: Resource names Ray manages itself (set through cpus_per_worker, trial_cpus and use_gpu).
 _RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+#: ``[resources] pack``: how tested runs share a Train worker group (``studies._tune.pack_units``)
+PACKS = ("subject", "arm")
 _SIMULATE_KEYS = ("preset", "seed", "null", "overrides")
 _ENCODER_KEYS = ("name", "searchspace")
 _PAIR_KEYS = ("backbone", "aligned", "base")
@@ -211,6 +218,9 @@ class Resources:
     --resources='{"gpu_a100": 4}'``) that each Train worker and the trial process request on
     top: they pin runs to the nodes that advertise them (docs/cluster.md, "Storage on more
     than one node").
+    ``pack`` (one of :data:`PACKS`) groups the tested runs that one worker group trains one
+    after the other: ``"subject"`` (an arm's seeds on one subject) or ``"arm"`` (all of an
+    arm's runs). It changes how often a worker group starts, never a run's result.
     """
 
     workers_per_trial: int = 1
@@ -219,6 +229,7 @@ class Resources:
     trial_cpus: float = 0.01
     custom_per_worker: Mapping[str, float] = field(default_factory=dict)
     trial_custom: Mapping[str, float] = field(default_factory=dict)
+    pack: str = "subject"
 
     @property
     def cpus_per_trial(self) -> float:
@@ -369,6 +380,11 @@ class Study:
         ``[study] grids = N``: top-5 image grids (:func:`brainalign.analysis.grids.image_grids`)
         of the first encoder x pair, first subject and seed, on the N test queries where the arms
         disagree most, for each gallery of ``test.gallery`` (0: none; not in the fingerprint).
+    parallel_searches : bool
+        ``[study] parallel_searches`` (default true): the study's searches (each its own
+        Optuna + ASHA experiment, one trial at a time) run side by side, as many at once as
+        the cluster fits runs; false: one after the other. A search's result is the same
+        either way (not in the fingerprint).
     """
 
     kind: str
@@ -392,6 +408,7 @@ class Study:
     path: str = ""
     explain: bool = False
     grids: int = 0
+    parallel_searches: bool = True
 
     @property
     def dataset_path(self) -> Path:
@@ -453,8 +470,8 @@ class Study:
             "simulate": self.simulate.to_json() if self.simulate else None, "subjects": list(self.subjects),
             "encoders": list(self.encoders), "pairs": [[p.backbone, p.aligned, p.base] for p in self.pairs],
             "max_epochs": self.max_epochs, "final_seeds": list(self.final_seeds),
-            # placement (custom_per_worker, trial_custom) is left out: it does not change results
-            "resources": {k: getattr(self.resources, k) for k in _RESOURCE_KEYS},
+            # placement (custom_per_worker, trial_custom) and pack are left out: they do not change results
+            "resources": {k: getattr(self.resources, k) for k in _RUN_RESOURCE_KEYS},
             "config": plain(self.config), "overrides": plain(self.overrides),
             "options": self.options.to_json() if self.options is not None else None,
         } | ({"correction": self.correction} if self.correction != "holm" else {})  # old fingerprints stay valid
@@ -619,7 +636,19 @@ def _parse_resources(where: str, doc: Any) -> Resources:
         trial_cpus=trial_cpus,
         custom_per_worker=_parse_custom(w, "custom_per_worker", doc.get("custom_per_worker", {})),
         trial_custom=_parse_custom(w, "trial_custom", doc.get("trial_custom", {})),
+        pack=_parse_pack(w, doc.get("pack", "subject")),
     )
+
+
+def _parse_pack(w: str, raw: Any) -> str:
+    pack = as_str(f"{w} pack", raw)
+    if pack not in PACKS:
+        raise BrainalignError(
+            f"{w} pack = {pack!r} is not a way to pack tested runs.{suggest(pack, PACKS)} Use \"subject\" (one "
+            "Train worker group per arm and subject trains its seeds one after the other) or \"arm\" (one per "
+            "arm trains all its subjects and seeds)."
+        )
+    return pack
 
 
 def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
@@ -696,6 +725,7 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
         select_metric=select_metric,
         explain=as_bool(f"{w} explain", st.get("explain", False)),
         grids=as_int(f"{w} grids", st.get("grids", 0), 0),
+        parallel_searches=as_bool(f"{w} parallel_searches", st.get("parallel_searches", True)),
     )
     study = replace(study, options=kind.parse(w, st, study))
     if not select_metric:  # unstated: the kind's choice (a sweep: its search spaces' metric), else val_loss
