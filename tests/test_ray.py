@@ -60,13 +60,19 @@ def test_check_resources_names_what_is_missing() -> None:
     check_resources(num_workers=2, cpus_per_worker=2.0, use_gpu=False, cluster=cluster, nodes=nodes)
     with pytest.raises(BrainalignError, match=r"3 worker\(s\) x 2 CPU = 6 CPUs, but the cluster has 4 CPUs"):
         check_resources(num_workers=3, cpus_per_worker=2.0, use_gpu=False, cluster=cluster, nodes=nodes)
-    with pytest.raises(BrainalignError, match=r"one GPU per worker \(1\), but the cluster has 0 GPU.*CPU-only"):
+    with pytest.raises(BrainalignError, match=r"1 worker\(s\) x 1 GPU = 1, but the cluster has 0 GPU.*CPU-only"):
         check_resources(num_workers=1, cpus_per_worker=1.0, use_gpu=True, cluster=cluster, nodes=nodes)
     with pytest.raises(BrainalignError, match=r"one worker needs 3 CPUs on one node, the largest node has 2"):
         check_resources(num_workers=2, cpus_per_worker=3.0, use_gpu=False, cluster={"CPU": 8.0},
                         nodes=[{"CPU": 2.0}] * 4)
     check_resources(num_workers=2, cpus_per_worker=1.0, use_gpu=True, cluster={"CPU": 8.0, "GPU": 2.0},
                     nodes=[{"CPU": 4.0, "GPU": 1.0}] * 2)
+    # fractional GPUs: four quarter-GPU workers fit on one GPU, five do not
+    check_resources(num_workers=4, cpus_per_worker=1.0, use_gpu=True, gpus_per_worker=0.25,
+                    cluster={"CPU": 8.0, "GPU": 1.0}, nodes=[{"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(BrainalignError, match=r"5 worker\(s\) x 0.25 GPU = 1.25, but the cluster has 1 GPU"):
+        check_resources(num_workers=5, cpus_per_worker=1.0, use_gpu=True, gpus_per_worker=0.25,
+                        cluster={"CPU": 8.0, "GPU": 1.0}, nodes=[{"CPU": 8.0, "GPU": 1.0}])
 
 
 def test_check_resources_with_custom_resources() -> None:

@@ -135,3 +135,19 @@ def check_name(what: str, value: Any) -> str:
     if problem:
         raise BrainalignError(f"{what} {value!r} is not allowed ({problem}); use {_NAME_FORM}.")
     return value
+
+
+def check_gpu_share(name: str, value: float) -> None:
+    """A GPU amount Ray accepts per worker: a fraction in (0, 1] or a whole number of GPUs.
+
+    Raises
+    ------
+    BrainalignError
+        Zero, negative, non-finite, or a non-whole amount above 1.
+    """
+    check_range(name, value, low=0.0, low_inclusive=False)
+    if value > 1 and not float(value).is_integer():
+        raise BrainalignError(
+            f"{name} = {value:g}: Ray shares a GPU only in fractions up to 1 (e.g. 0.25 puts four workers on one "
+            "GPU); above 1 use a whole number of GPUs."
+        )

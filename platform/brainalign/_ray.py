@@ -257,6 +257,7 @@ def check_resources(
     num_workers: int,
     cpus_per_worker: float,
     use_gpu: bool,
+    gpus_per_worker: float = 1.0,
     custom_per_worker: Mapping[str, float] | None = None,
     what: str = "this run",
     cluster: Mapping[str, float] | None = None,
@@ -267,8 +268,10 @@ def check_resources(
     Parameters
     ----------
     num_workers, cpus_per_worker, use_gpu
-        The Train worker group: ``num_workers`` workers of ``cpus_per_worker`` CPUs (and one
-        GPU each with ``use_gpu``).
+        The Train worker group: ``num_workers`` workers of ``cpus_per_worker`` CPUs (and
+        ``gpus_per_worker`` GPUs each with ``use_gpu``).
+    gpus_per_worker : float
+        Each worker's GPU share with ``use_gpu`` (a fraction packs several workers on one GPU).
     custom_per_worker : mapping, optional
         Ray custom resources each worker requests too (``ray start --resources``); one node
         must hold a worker's CPUs and all of them.
@@ -313,9 +316,10 @@ def check_resources(
         and all(float(n.get(k, 0.0)) + 1e-9 >= v for k, v in custom.items()) for n in per_node
     ):
         problems.append(f"no node has {cpus_per_worker:g} CPUs and {custom} together for one worker")
-    if use_gpu and gpus < num_workers:
+    if use_gpu and gpus + 1e-9 < num_workers * gpus_per_worker:
         problems.append(
-            f"use_gpu=true needs one GPU per worker ({num_workers}), but the cluster has {gpus:g} GPU(s)"
+            f"use_gpu=true needs {num_workers} worker(s) x {gpus_per_worker:g} GPU = {num_workers * gpus_per_worker:g}, "
+            f"but the cluster has {gpus:g} GPU(s)"
             + (" (a CPU-only machine: set use_gpu=false)" if gpus == 0 else "")
         )
     if not problems:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ._checks import BrainalignError, check_name, check_option, check_range, check_type
+from ._checks import BrainalignError, check_gpu_share, check_name, check_option, check_range, check_type
 from .paths import resolve
 
 __all__ = ["DataConfig", "EvaluationConfig", "TrainConfig", "load_config", "parse_overrides"]
@@ -147,6 +147,7 @@ class TrainConfig:
     seed: int = 42
     num_workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu: a fraction (e.g. 0.25) packs several small runs on one GPU
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
     shuffle_buffer_mb: float = 1024.0  # a Train worker's local shuffle buffer (train/ray_worker.py)
@@ -173,6 +174,7 @@ class TrainConfig:
             check_range("temperature (initial value of a learned temperature)", self.temperature,
                         low=1.0 / MAX_LOGIT_SCALE)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0.0, low_inclusive=False)
+        check_gpu_share("gpus_per_worker", self.gpus_per_worker)
         check_range("torch_threads", self.torch_threads, low=0)
         check_range("shuffle_buffer_mb", self.shuffle_buffer_mb, low=0.0, low_inclusive=False)
         check_range("checkpoint_every", self.checkpoint_every, low=0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from brainalign import BrainalignError
+from brainalign.config import TrainConfig
 from brainalign.encoders import list_encoders
 from brainalign.studies import STUDY_OWNED, load_searchspace, load_study
 from brainalign.studies.spec import Resources
@@ -120,6 +121,27 @@ def test_custom_resources_parse_and_leave_the_fingerprint_alone(tmp_path: Path) 
     assert {tuple(u.spec.custom_resources.items()) for u in finals} == {(("node_b", 1.0),)}
     by_set = load_study(tmp_path / "study.toml", ["resources.custom_per_worker={gpu_a100 = 2}"])
     assert by_set.resources.custom_per_worker == {"gpu_a100": 2.0}
+
+
+def test_gpus_per_worker_reaches_every_run_and_bad_shares_are_refused(tmp_path: Path) -> None:
+    from brainalign.paths import Locations
+    from brainalign.studies import make_plan
+    from brainalign.studies.units import StudyContext
+
+    plain = load_study(_write(tmp_path))
+    quarter = load_study(tmp_path / "study.toml", ["resources.use_gpu=true", "resources.gpus_per_worker=0.25"])
+    assert quarter.resources.gpus_per_worker == 0.25
+    assert quarter.fingerprint() != plain.fingerprint()  # use_gpu is in it ...
+    half = load_study(tmp_path / "study.toml", ["resources.use_gpu=true", "resources.gpus_per_worker=0.5"])
+    assert half.fingerprint() == quarter.fingerprint()  # ... the GPU share is not: it changes no result
+    ctx = StudyContext("run", Locations.current())
+    finals = make_plan(quarter, "http://127.0.0.1:5000").runs(ctx, {a.name: {} for a in quarter.arms()})
+    assert {(u.config.use_gpu, u.config.gpus_per_worker) for u in finals} == {(True, 0.25)}
+    for bad, msg in (("0", "gpus_per_worker"), ("1.5", "fractions up to 1"), ("-1", "gpus_per_worker")):
+        with pytest.raises(BrainalignError, match=msg):
+            load_study(tmp_path / "study.toml", [f"resources.gpus_per_worker={bad}"])
+    with pytest.raises(BrainalignError, match="gpus_per_worker"):
+        TrainConfig.from_flat({"gpus_per_worker": 2.5}, strict_types=False)
 
 
 def test_missing_study_file_and_bad_toml(tmp_path: Path) -> None:

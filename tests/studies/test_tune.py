@@ -39,6 +39,18 @@ def test_custom_resources_bound_concurrency_and_pin_the_trial() -> None:
     assert trial_resources(Resources()) == {"cpu": 0.01}
 
 
+def test_fractional_gpus_pack_trials_on_one_gpu() -> None:
+    from brainalign.studies._tune import max_concurrent_trials
+
+    quarter = Resources(use_gpu=True, gpus_per_worker=0.25)
+    assert max_concurrent_trials(quarter, {"CPU": 16.0, "GPU": 1.0}) == 4  # four small NICE trials share the GPU
+    assert max_concurrent_trials(Resources(use_gpu=True), {"CPU": 16.0, "GPU": 1.0}) == 1
+    assert max_concurrent_trials(Resources(use_gpu=True, workers_per_trial=2, gpus_per_worker=0.5),
+                                 {"CPU": 16.0, "GPU": 2.0}) == 2
+    with pytest.raises(BrainalignError, match=r"needs 0.5 GPU\(s\) per trial.*Ray has 0"):
+        max_concurrent_trials(Resources(use_gpu=True, gpus_per_worker=0.5), {"CPU": 16.0})
+
+
 @pytest.mark.parametrize("path", sorted(SPACES.glob("*.toml")), ids=lambda p: p.stem)
 def test_define_by_run_samples_inside_every_space(path: Path) -> None:
     """Optuna (real, seeded) samples each space through the define-by-run function Tune gets."""

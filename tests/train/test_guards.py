@@ -110,7 +110,7 @@ def test_a_diverging_run_ends_failed_and_never_scores(ray_session: object, tiny_
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"use_gpu": True}, r"use_gpu=true needs one GPU per worker \(1\), but the cluster has 0 GPU\(s\).*CPU-only"),
+        ({"use_gpu": True}, r"use_gpu=true needs 1 worker\(s\) x 1 GPU = 1, but the cluster has 0 GPU\(s\).*CPU-only"),
         ({"num_workers": 8, "batch_size": 16}, r"8 worker\(s\) x 1 CPU = 8 CPUs, but the cluster has 4 CPUs"),
         ({"cpus_per_worker": 8.0}, r"8 CPUs, but the cluster has 4 CPUs"),
     ],

@@ -96,11 +96,13 @@ def max_concurrent_trials(resources: Resources, cluster: Mapping[str, float]) ->
     n = max(1, int(math.floor((cpus - 1.0 + 1e-9) / per_trial)))
     if resources.use_gpu:
         gpus = float(cluster.get("GPU", 0.0))
-        if gpus < resources.workers_per_trial:
+        need = resources.workers_per_trial * resources.gpus_per_worker
+        if gpus + 1e-9 < need:
             raise BrainalignError(
-                f"[resources] use_gpu needs {resources.workers_per_trial} GPU(s) per trial; Ray has {gpus:g}."
+                f"[resources] use_gpu needs {need:g} GPU(s) per trial (workers_per_trial x gpus_per_worker); "
+                f"Ray has {gpus:g}."
             )
-        n = min(n, int(gpus // resources.workers_per_trial))
+        n = min(n, int((gpus + 1e-9) // need))
     for name, need in custom_per_trial(resources).items():
         have = float(cluster.get(name, 0.0))
         if have + 1e-9 < need:

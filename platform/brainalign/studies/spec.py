@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .._checks import BrainalignError, check_name, check_option, check_range, check_type, suggest
+from .._checks import (
+    BrainalignError,
+    check_gpu_share,
+    check_name,
+    check_option,
+    check_range,
+    check_type,
+    suggest,
+)
 from ..config import TrainConfig, flatten_toml
 from ..paths import resolve
 
@@ -65,6 +73,7 @@ STUDY_OWNED: dict[str, str] = {
     "num_workers": "[resources] workers_per_trial",
     "cpus_per_worker": "[resources] cpus_per_worker",
     "use_gpu": "[resources] use_gpu",
+    "gpus_per_worker": "[resources] gpus_per_worker",
 }
 #: Keys ``[config]`` may set but that describe this machine, not the model: never taken from
 #: another run's config.
@@ -83,7 +92,7 @@ _RUN_RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "use_gpu", "trial_
 _RESOURCE_KEYS = (*_RUN_RESOURCE_KEYS, "pack")
 #: ``[resources]`` keys that place runs on nodes (Ray custom resources); not in the fingerprint:
 #: where a run is placed does not change what it computes.
-_PLACEMENT_KEYS = ("custom_per_worker", "trial_custom")
+_PLACEMENT_KEYS = ("custom_per_worker", "trial_custom", "gpus_per_worker")
 #: Resource names Ray manages itself (set through cpus_per_worker, trial_cpus and use_gpu).
 _RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 #: ``[resources] pack``: how tested runs share a Train worker group (``studies._tune.pack_units``)
@@ -217,7 +226,9 @@ class Resources:
     ``custom_per_worker`` and ``trial_custom`` are Ray custom resources (``ray start
     --resources='{"gpu_a100": 4}'``) that each Train worker and the trial process request on
     top: they pin runs to the nodes that advertise them (docs/cluster.md, "Storage on more
-    than one node").
+    than one node"). ``gpus_per_worker`` (with ``use_gpu``) is each worker's share of a GPU:
+    ``0.25`` packs four small runs on one GPU (not in the fingerprint: it changes where a run
+    trains, not what it computes).
     ``pack`` (one of :data:`PACKS`) groups the tested runs that one worker group trains one
     after the other: ``"subject"`` (an arm's seeds on one subject) or ``"arm"`` (all of an
     arm's runs). It changes how often a worker group starts, never a run's result.
@@ -230,6 +241,7 @@ class Resources:
     custom_per_worker: Mapping[str, float] = field(default_factory=dict)
     trial_custom: Mapping[str, float] = field(default_factory=dict)
     pack: str = "subject"
+    gpus_per_worker: float = 1.0
 
     @property
     def cpus_per_trial(self) -> float:
@@ -456,6 +468,7 @@ class Study:
             "num_workers": r.workers_per_trial,
             "cpus_per_worker": r.cpus_per_worker,
             "use_gpu": r.use_gpu,
+            "gpus_per_worker": r.gpus_per_worker,
         }
         assert set(owned) == set(STUDY_OWNED), "run_flat must set exactly the study-owned keys"
         return dict(self.config) | inheritable(inherited or {}) | dict(self.overrides) | owned
@@ -637,7 +650,14 @@ def _parse_resources(where: str, doc: Any) -> Resources:
         custom_per_worker=_parse_custom(w, "custom_per_worker", doc.get("custom_per_worker", {})),
         trial_custom=_parse_custom(w, "trial_custom", doc.get("trial_custom", {})),
         pack=_parse_pack(w, doc.get("pack", "subject")),
+        gpus_per_worker=_parse_gpus(w, doc.get("gpus_per_worker", 1.0)),
     )
+
+
+def _parse_gpus(w: str, raw: Any) -> float:
+    value = as_number(f"{w} gpus_per_worker", raw)
+    check_gpu_share(f"{w} gpus_per_worker", value)
+    return value
 
 
 def _parse_pack(w: str, raw: Any) -> str:

@@ -260,7 +260,7 @@ def _plan_run(cfg: TrainConfig, spec: RunSpec) -> _Planned:
     ensure_ray()
     custom = dict(spec.custom_resources)
     check_resources(num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
-                    custom_per_worker=custom,
+                    gpus_per_worker=cfg.gpus_per_worker, custom_per_worker=custom,
                     what=f"this run (num_workers={cfg.num_workers}, cpus_per_worker={cfg.cpus_per_worker:g}, "
                          f"use_gpu={str(cfg.use_gpu).lower()}" + (f", custom resources {custom}" if custom else "")
                          + ")")
@@ -274,7 +274,8 @@ def _check_packable(runs: Sequence[tuple[TrainConfig, RunSpec]]) -> None:
 
     def shape(run: tuple[TrainConfig, RunSpec]) -> tuple[Any, ...]:
         c, spec = run
-        return (c.num_workers, c.cpus_per_worker, c.use_gpu, spec.locations, dict(spec.custom_resources))
+        return (c.num_workers, c.cpus_per_worker, c.use_gpu, c.gpus_per_worker, spec.locations,
+                dict(spec.custom_resources))
 
     for run in runs[1:]:
         if shape(run) != shape(first):
@@ -399,7 +400,7 @@ def _fit(planned: Sequence[_Planned], run_ids: Sequence[str], callbacks: Sequenc
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             # custom resources (a study's [resources] custom_per_worker) pin workers to nodes
-            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})
             | dict(spec.custom_resources),
         ),
         datasets=datasets,
